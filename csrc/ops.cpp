@@ -1,0 +1,41 @@
+// Op schemas of the compiled kernels and the pybind11 module of the CPU extension (elr_ext._C).
+//
+// The schemas live in the `elr_ext_native` namespace; csrc/cpu/*.cpp and csrc/cuda/*.cu register
+// their device implementations against them. The public ops (with fake kernels, autograd and the
+// backend choice) are torch.library custom ops in elr_ext/ops/, which call these.
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
+
+TORCH_LIBRARY(elr_ext_native, m) {
+  // FDN, eq. 8. activation: 0 = none, 1 = silu. Returns (out, mean [N, G], rstd [N, G]).
+  m.def("fdn_forward(Tensor z, Tensor gamma, Tensor beta, int num_groups, float eps, int activation)"
+        " -> (Tensor, Tensor, Tensor)");
+  // Returns (dz, dgamma, dbeta); an entry is undefined (None) when its output_mask entry is false.
+  m.def("fdn_backward(Tensor grad_out, Tensor z, Tensor gamma, Tensor? beta, Tensor mean, Tensor rstd,"
+        " int num_groups, int activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                          std::to_string(TORCH_VERSION_PATCH);
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["compiler"] = __VERSION__;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "elr_ext CPU kernels; op schemas under torch.ops.elr_ext_native";
+  m.def("build_info", &build_info, "What this binary was compiled with");
+}

@@ -1,0 +1,20 @@
+"""elr-ext: kernel-accelerated ops and modules for ELR-Diffusion (efficient low-rank controllable
+text-to-image diffusion).
+
+    import elr_ext
+    out = elr_ext.fdn(z, gamma, beta, num_groups=32, activation="silu")
+    elr_ext.build_info()           # what was compiled, and why anything is missing
+    with elr_ext.use_backend("torch"):
+        ...                        # force the pure-PyTorch reference
+"""
+
+from . import backends, reference
+from .backends import available_backends, build_info, use_backend
+from .ops import fdn
+
+backends._load_native()  # one clear warning now if a compiled part is missing, not at first use
+
+from . import nn  # noqa: E402  (modules build on the ops above)
+
+__version__ = "0.1.0"
+__all__ = ["fdn", "build_info", "use_backend", "available_backends", "backends", "reference", "nn"]

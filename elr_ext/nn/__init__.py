@@ -1,0 +1,5 @@
+"""Modules built on the ops."""
+
+from .fdn import FDN
+
+__all__ = ["FDN"]

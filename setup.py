@@ -1,0 +1,199 @@
+"""Build elr-ext: the CPU C++ extension always (where a C++ compiler exists), the CUDA extension
+when torch has CUDA and nvcc is found.
+
+Switches (the ones flash-attention and xformers users know):
+  ELR_EXT_NO_BUILD=1                  pure-Python install (the `torch` reference backend only)
+  ELR_EXT_CUDA_ARCHS / TORCH_CUDA_ARCH_LIST   e.g. "7.0;8.0;9.0+PTX"
+  ELR_EXT_NO_CUDA=1                   skip the CUDA extension even when it could build
+  MAX_JOBS                            parallel compile jobs (honoured by ninja via torch)
+
+Install with `pip install -e . --no-build-isolation` after torch is installed. Everything the build
+decided (backends, CUDA version, archs, what it dropped and why) is printed and written to
+elr_ext/_build_info.json, which `elr_ext.build_info()` reads.
+"""
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = ["7.0", "7.5", "8.0", "8.6", "8.9", "9.0+PTX"]
+
+
+def log(msg):
+    print(f"[elr-ext build] {msg}", flush=True)
+
+
+def truthy(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_cuda_home():
+    """CUDA_HOME, resolving the trap of a wrapper script in /usr/local/bin that makes torch guess
+    /usr/local: prefer $CUDA_HOME, then /usr/local/cuda, then nvcc's real location."""
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            return candidate
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def nvcc_version(nvcc):
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def nvcc_supported_archs(nvcc):
+    """Compute capabilities nvcc can target, from `nvcc --list-gpu-arch` (e.g. compute_75 -> 7.5)."""
+    res = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True)
+    if res.returncode != 0:
+        return None
+    caps = set()
+    for token in res.stdout.split():
+        match = re.fullmatch(r"compute_(\d+)(\d)[a-z]?", token.strip())
+        if match:
+            caps.add(f"{match.group(1)}.{match.group(2)}")
+    return caps
+
+
+def choose_archs(nvcc, cuda_version):
+    requested = os.environ.get("ELR_EXT_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST")
+    archs = re.split(r"[;\s,]+", requested.strip()) if requested else list(DEFAULT_ARCHS)
+    archs = [a for a in archs if a]
+    supported = nvcc_supported_archs(nvcc)
+    kept, dropped = [], []
+    for arch in archs:
+        base = arch.replace("+PTX", "")
+        if supported is not None and base not in supported:
+            why = f"nvcc {cuda_version[0]}.{cuda_version[1]} cannot target sm_{base.replace('.', '')}"
+            if base == "7.0":
+                why += " (CUDA 13 removed sm_70; build V100 kernels with a CUDA 12.x toolkit)"
+            dropped.append({"arch": arch, "reason": why})
+        else:
+            kept.append(arch)
+    return kept, dropped
+
+
+def cuda_library_include_dirs():
+    """Headers of the pip `nvidia` wheels (cusparse.h, cublas_v2.h ...) that torch's CUDA headers
+    include but a bare toolkit may lack."""
+    purelib = sysconfig.get_paths()["purelib"]
+    return sorted(d for d in glob.glob(os.path.join(purelib, "nvidia", "cu*", "include")) if os.path.isdir(d))
+
+
+def sources(folder, patterns):
+    found = []
+    for pattern in patterns:
+        found += glob.glob(os.path.join("csrc", folder, pattern))
+    return sorted(found)
+
+
+def extensions_and_info():
+    info = {"backends_built": [], "skipped": {}, "cuda": None}
+    if truthy("ELR_EXT_NO_BUILD"):
+        info["skipped"]["cpu"] = "ELR_EXT_NO_BUILD=1: pure-Python install"
+        info["skipped"]["cuda"] = "ELR_EXT_NO_BUILD=1: pure-Python install"
+        return [], {}, info
+
+    cuda_home = find_cuda_home()
+    if cuda_home and not os.environ.get("CUDA_HOME"):
+        os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
+    import torch
+    from torch.utils import cpp_extension
+
+    ext_modules = []
+    cxx = os.environ.get("CXX", "c++")
+    cxx_flags = ["-O3", "-std=c++17"]
+    if shutil.which(cxx) is None:
+        info["skipped"]["cpu"] = f"no C++ compiler ({cxx}) found"
+    else:
+        ext_modules.append(
+            cpp_extension.CppExtension(
+                "elr_ext._C",
+                ["csrc/ops.cpp"] + sources("cpu", ["*.cpp"]),
+                include_dirs=[os.path.join(HERE, "csrc")],
+                extra_compile_args={"cxx": cxx_flags},
+            )
+        )
+        info["backends_built"].append("cpu")
+
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
+    if truthy("ELR_EXT_NO_CUDA"):
+        info["skipped"]["cuda"] = "ELR_EXT_NO_CUDA=1"
+    elif torch.version.cuda is None:
+        info["skipped"]["cuda"] = f"torch {torch.__version__} is a CPU-only build"
+    elif nvcc is None:
+        info["skipped"]["cuda"] = "nvcc not found (set CUDA_HOME)"
+    elif "cpu" not in info["backends_built"]:
+        info["skipped"]["cuda"] = "the CUDA extension needs the CPU extension (op schemas)"
+    else:
+        version = nvcc_version(nvcc)
+        archs, dropped = choose_archs(nvcc, version)
+        for d in dropped:
+            log(f"dropping CUDA arch {d['arch']}: {d['reason']}")
+        if not archs:
+            info["skipped"]["cuda"] = "no requested CUDA arch is supported by nvcc"
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+            arch_string = ";".join(archs)
+            defines = [f'-DELR_EXT_CUDA_ARCHS="{arch_string}"']
+            ext_modules.append(
+                cpp_extension.CUDAExtension(
+                    "elr_ext._C_cuda",
+                    sources("cuda", ["*.cpp", "*.cu"]) + sources("kernels", ["*.cu"]),
+                    include_dirs=[os.path.join(HERE, "csrc")] + cuda_library_include_dirs(),
+                    extra_compile_args={
+                        "cxx": cxx_flags + defines,
+                        "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + defines,
+                    },
+                )
+            )
+            info["backends_built"].append("cuda")
+            info["cuda"] = {
+                "toolkit": f"{version[0]}.{version[1]}" if version else "unknown",
+                "torch_cuda": torch.version.cuda,
+                "cuda_home": cuda_home,
+                "archs": archs,
+                "dropped_archs": dropped,
+            }
+    for backend, why in info["skipped"].items():
+        log(f"not building the {backend} extension: {why}")
+    log(f"building: {', '.join(info['backends_built']) or 'nothing (pure Python)'}")
+    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    return ext_modules, cmdclass, info
+
+
+def write_build_info(info):
+    path = os.path.join(HERE, "elr_ext", "_build_info.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(info, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+ext_modules, cmdclass, build_info = extensions_and_info()
+write_build_info(build_info)
+
+setup(
+    name="elr-ext",
+    version="0.1.0",
+    description="Kernel-accelerated PyTorch extension for ELR-Diffusion (efficient low-rank controllable diffusion)",
+    packages=find_packages(include=["elr_ext", "elr_ext.*"]),
+    package_data={"elr_ext": ["_build_info.json"]},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={"train": ["diffusers", "transformers", "safetensors"], "test": ["pytest"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
