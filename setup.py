@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 
 from setuptools import find_packages, setup
@@ -114,7 +115,10 @@ def extensions_and_info():
 
     ext_modules = []
     cxx = os.environ.get("CXX", "c++")
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # torch adds the C++ standard it needs (C++17 up to 2.9, C++20 after)
+    # at::parallel_for is an inline `#pragma omp parallel`: without -fopenmp it runs serially.
+    # libgomp resolves to the copy torch ships and has already loaded.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     if shutil.which(cxx) is None:
         info["skipped"]["cpu"] = f"no C++ compiler ({cxx}) found"
     else:
@@ -123,7 +127,8 @@ def extensions_and_info():
                 "elr_ext._C",
                 ["csrc/ops.cpp"] + sources("cpu", ["*.cpp"]),
                 include_dirs=[os.path.join(HERE, "csrc")],
-                extra_compile_args={"cxx": cxx_flags},
+                extra_compile_args={"cxx": cxx_flags + openmp},
+                extra_link_args=openmp,
             )
         )
         info["backends_built"].append("cpu")
@@ -155,7 +160,7 @@ def extensions_and_info():
                     include_dirs=[os.path.join(HERE, "csrc")] + cuda_library_include_dirs(),
                     extra_compile_args={
                         "cxx": cxx_flags + defines,
-                        "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + defines,
+                        "nvcc": ["-O3", "-lineinfo"] + defines,
                     },
                 )
             )
@@ -181,19 +186,23 @@ def write_build_info(info):
     os.replace(path + ".tmp", path)
 
 
-ext_modules, cmdclass, build_info = extensions_and_info()
-write_build_info(build_info)
+if __name__ == "__main__":  # importable by tests without building
+    ext_modules, cmdclass, build_info = extensions_and_info()
+    write_build_info(build_info)
 
-setup(
-    name="elr-ext",
-    version="0.1.0",
-    description="Kernel-accelerated PyTorch extension for ELR-Diffusion (efficient low-rank controllable diffusion)",
-    packages=find_packages(include=["elr_ext", "elr_ext.*"]),
-    package_data={"elr_ext": ["_build_info.json"]},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={"train": ["diffusers", "transformers", "safetensors"], "test": ["pytest"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+    setup(
+        name="elr-ext",
+        version="0.1.0",
+        description="Kernel-accelerated PyTorch extension for ELR-Diffusion (efficient low-rank controllable diffusion)",
+        packages=find_packages(include=["elr_ext", "elr_ext.*"]),
+        package_data={"elr_ext": ["_build_info.json"]},
+        python_requires=">=3.9",
+        install_requires=["torch>=2.4", "numpy"],
+        extras_require={
+            "train": ["diffusers", "transformers", "safetensors"],
+            "test": ["pytest", "matplotlib"],
+        },
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        zip_safe=False,
+    )

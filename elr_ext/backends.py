@@ -109,7 +109,9 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
     if backend == "cuda":
         if device_type != "cuda":
             return f"the cuda backend does not run on {device_type} tensors"
-        return _missing.get("cuda")
+        if _missing.get("cuda"):
+            return _missing["cuda"]
+        return None if torch.cuda.is_available() else "built, but no CUDA device is present"
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 

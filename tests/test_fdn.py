@@ -205,3 +205,17 @@ def test_backend_env_var_is_honoured(monkeypatch):
     monkeypatch.setenv("ELR_EXT_BACKEND", "tpu")
     with pytest.raises(ValueError, match="ELR_EXT_BACKEND"):
         elr_ext.backends.select("fdn", torch.device("cpu"), ("cpu", "torch"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["full", "broadcast", "channels_last"])
+def test_opcheck_schema_fake_kernel_and_autograd_registration(backend, variant):
+    """torch.library.opcheck: the fake kernels agree with the real ones (shapes, strides, dtypes),
+    and the ops trace through AOT autograd with dynamic shapes."""
+    z, gamma, beta = make_inputs((2, 8, 3, 5, 4), torch.float32, variant == "broadcast", variant == "channels_last",
+                                 requires_grad=True)
+    with elr_ext.use_backend(backend):
+        torch.library.opcheck(torch.ops.elr_ext.fdn_forward.default, (z, gamma, beta, 4, 1e-5, "silu"))
+        out, mean, rstd = torch.ops.elr_ext.fdn_forward(z, gamma, beta, 4, 1e-5, "silu")
+        args = (torch.randn_like(out), z.detach(), gamma.detach(), beta.detach(), mean, rstd, 4, "silu", True, True, True)
+        torch.library.opcheck(torch.ops.elr_ext.fdn_backward.default, args)
