@@ -16,6 +16,19 @@ TORCH_LIBRARY(elr_ext_native, m) {
   // Returns (dz, dgamma, dbeta); an entry is undefined (None) when its output_mask entry is false.
   m.def("fdn_backward(Tensor grad_out, Tensor z, Tensor gamma, Tensor? beta, Tensor mean, Tensor rstd,"
         " int num_groups, int activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // Kronecker LoRA GEMM, eq. 9 (csrc/kernels/kron_lora_common.h has the math). x is [M, d_in].
+  // Returns (y [M, d_out], tmat [M, a2, T*r], smat [M, a1, T*r]); tmat/smat are empty unless
+  // save_intermediates (autograd saves them: rank-space, small next to x).
+  m.def("kron_lora_forward(Tensor x, Tensor A, Tensor U, Tensor V, Tensor? weight, Tensor? bias, float scale,"
+        " bool save_intermediates) -> (Tensor, Tensor, Tensor)");
+  // Returns (dx, dA, dU, dV, dweight, dbias); undefined where output_mask is false.
+  m.def("kron_lora_backward(Tensor grad_y, Tensor x, Tensor A, Tensor U, Tensor V, Tensor tmat, Tensor smat,"
+        " Tensor? weight, float scale, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // dW = sum_t A_t kron (U_t V_t), [a1*b1, a2*b2]: for conv weights, where building dW is cheap.
+  m.def("kron_delta(Tensor A, Tensor U, Tensor V) -> Tensor");
+  m.def("kron_delta_backward(Tensor grad, Tensor A, Tensor U, Tensor V, bool[3] output_mask)"
+        " -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -52,7 +52,7 @@ def test_forward_and_backward_match_fp64_reference(backend, dtype, shape, varian
     groups = shape[-1]
     z, gamma, beta = make_inputs(shape, dtype, broadcast, channels_last, requires_grad=True)
     out = run_fdn(backend, z, gamma, beta, groups, activation)
-    grad_out = torch.randn_like(out.double())
+    grad_out = torch.randn_like(out.double()).to(dtype).double()  # the reference sees the same rounded values
 
     ref_inputs = [t.detach().double().requires_grad_() for t in (z, gamma, beta)]
     ref = reference.fdn(*ref_inputs, num_groups=groups, activation=activation)
