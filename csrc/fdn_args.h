@@ -63,4 +63,28 @@ inline at::Tensor fdn_contiguous(const at::Tensor& t, const FdnShape& s, bool af
   return t.contiguous(fdn_memory_format(s.layout));
 }
 
+// fdn_backward's other inputs: grad_out like z, mean/rstd [N, G] in the statistics dtype, and beta
+// present when the activation needs the pre-activation (SiLU).
+inline void fdn_check_backward(const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& mean,
+                               const at::Tensor& rstd, bool has_beta, const FdnShape& s) {
+  TORCH_CHECK(grad_out.sizes() == z.sizes(), "fdn_backward: grad_out must have z's shape ", z.sizes(), ", got ",
+              grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == z.scalar_type(), "fdn_backward: grad_out dtype ", grad_out.scalar_type(),
+              " differs from z dtype ", z.scalar_type());
+  TORCH_CHECK(grad_out.device() == z.device(), "fdn_backward: grad_out is on ", grad_out.device(), " but z is on ",
+              z.device());
+  const auto stat_dtype = fdn_stat_dtype(z.scalar_type());
+  for (const at::Tensor* t : {&mean, &rstd}) {
+    const char* name = t == &mean ? "mean" : "rstd";
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({s.N, s.G}), "fdn_backward: ", name, " must have shape [", s.N, ", ",
+                s.G, "], got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == stat_dtype, "fdn_backward: ", name, " must be ", stat_dtype, " for z dtype ",
+                z.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == z.device(), "fdn_backward: ", name, " is on ", t->device(), " but z is on ",
+                z.device());
+  }
+  TORCH_CHECK(has_beta || s.act == FdnActivation::None,
+              "fdn_backward: beta is required when the activation is silu (activation=1)");
+}
+
 }  // namespace elr
