@@ -3,6 +3,7 @@ text-to-image diffusion).
 
     import elr_ext
     out = elr_ext.fdn(z, gamma, beta, num_groups=32, activation="silu")
+    y = elr_ext.kron_lora_linear(x, A, U, V, weight, bias, scale)   # Kronecker LoRA, dW never built
     elr_ext.build_info()           # what was compiled, and why anything is missing
     with elr_ext.use_backend("torch"):
         ...                        # force the pure-PyTorch reference
@@ -10,11 +11,11 @@ text-to-image diffusion).
 
 from . import backends, reference
 from .backends import available_backends, build_info, use_backend
-from .ops import fdn
+from .ops import fdn, kron_delta, kron_lora_linear
 
 backends._load_native()  # one clear warning now if a compiled part is missing, not at first use
 
 from . import nn  # noqa: E402  (modules build on the ops above)
 
 __version__ = "0.1.0"
-__all__ = ["fdn", "build_info", "use_backend", "available_backends", "backends", "reference", "nn"]
+__all__ = ["fdn", "kron_lora_linear", "kron_delta", "build_info", "use_backend", "available_backends", "backends", "reference", "nn"]

@@ -115,6 +115,26 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+_registered: dict = {}
+
+
+def native_implementations(native_op: str) -> tuple:
+    """The compiled backends whose binary registers a kernel for torch.ops.elr_ext_native.<native_op>
+    (a binary built from an older tree may lack an op)."""
+    if native_op not in _registered:
+        _load_native()
+        found = []
+        for backend, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+            try:
+                registered = torch._C._dispatch_has_kernel_for_dispatch_key(f"elr_ext_native::{native_op}", key)
+            except RuntimeError:  # the schema itself is missing
+                registered = False
+            if _native.get(backend) is not None and registered:
+                found.append(backend)
+        _registered[native_op] = tuple(found)
+    return _registered[native_op]
+
+
 def available_backends(device_type: str) -> list:
     return [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
 

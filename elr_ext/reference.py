@@ -82,3 +82,73 @@ def fdn_backward(grad_out, z, gamma, beta, mean, rstd, num_groups: int, activati
     if gamma.shape != z.shape:
         dgamma, dbeta = dgamma.sum((2, 3), keepdim=True), dbeta.sum((2, 3), keepdim=True)
     return dz.reshape(z.shape).to(z.dtype), dgamma.to(z.dtype), dbeta.to(z.dtype)
+
+
+def kron_delta(A, U, V):
+    """The Kronecker LoRA update (eq. 9): dW = sum_t A_t kron (U_t V_t), [a1*b1, a2*b2].
+
+    A [T, a1, a2], U [T, b1, r], V [T, r, b2]. Only the conv path builds dW (it is small next to a
+    convolution); the linear path never does (kron_lora_linear)."""
+    return sum(torch.kron(A[t], U[t] @ V[t]) for t in range(A.shape[0]))
+
+
+def kron_lora_intermediates(x2d, A, U, V):
+    """The rank-space products of kron_lora_linear for x2d [M, a2*b2]: with X_m = x_m viewed [a2, b2],
+    tmat[m] = X_m V_t^T for every term ([M, a2, T*r]) and smat[m] = A_t tmat[m] ([M, a1, T*r])."""
+    T, a1, a2 = A.shape
+    r, b2 = V.shape[1], V.shape[2]
+    X = x2d.reshape(-1, a2, b2)
+    tmat = torch.einsum("mpq,tsq->mpts", X, V)  # X V_t^T
+    smat = torch.einsum("tip,mpts->mits", A, tmat)  # A_t (X V_t^T)
+    return tmat.reshape(-1, a2, T * r), smat.reshape(-1, a1, T * r)
+
+
+def kron_lora_linear(x, A, U, V, weight=None, bias=None, scale: float = 1.0):
+    """y = x W^T + bias + scale * x dW^T with dW = sum_t A_t kron (U_t V_t) (eq. 9), never building dW:
+    (A kron B) vec(X) = vec(B X A^T) gives Y_m = sum_t A_t X_m V_t^T U_t^T."""
+    T, a1, a2 = A.shape
+    b1, r = U.shape[1], U.shape[2]
+    lead = x.shape[:-1]
+    _, smat = kron_lora_intermediates(x.reshape(-1, x.shape[-1]), A, U, V)
+    delta = torch.einsum("mits,tks->mik", smat.reshape(-1, a1, T, r), U).reshape(*lead, a1 * b1)
+    y = scale * delta
+    if weight is not None:
+        y = y + torch.nn.functional.linear(x, weight)
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def kron_lora_linear_backward(grad_y, x2d, A, U, V, weight=None, scale: float = 1.0):
+    """The analytic gradients of kron_lora_linear for x2d [M, d_in] and grad_y [M, d_out]
+    (csrc/kernels/kron_lora_common.h): returns (dx, dA, dU, dV, dweight, dbias); dweight is None
+    without a weight."""
+    T, a1, a2 = A.shape
+    b1, r = U.shape[1], U.shape[2]
+    b2 = V.shape[2]
+    X = x2d.reshape(-1, a2, b2)
+    dY = grad_y.reshape(-1, a1, b1)
+    tmat, smat = kron_lora_intermediates(x2d, A, U, V)
+    tmat, smat = tmat.reshape(-1, a2, T, r), smat.reshape(-1, a1, T, r)
+    ds = scale * torch.einsum("mik,tks->mits", dY, U)
+    dU = scale * torch.einsum("mik,mits->tks", dY, smat)
+    dA = torch.einsum("mits,mpts->tip", ds, tmat)
+    dt = torch.einsum("tip,mits->mpts", A, ds)
+    dV = torch.einsum("mpts,mpq->tsq", dt, X)
+    dx = torch.einsum("mpts,tsq->mpq", dt, V).reshape(x2d.shape)
+    dweight = None
+    if weight is not None:
+        dx = dx + grad_y @ weight
+        dweight = grad_y.t() @ x2d
+    return dx, dA, dU, dV, dweight, grad_y.sum(0)
+
+
+def kron_delta_backward(grad, A, U, V):
+    """The analytic gradients of kron_delta for grad [a1*b1, a2*b2]: (dA, dU, dV)."""
+    T, a1, a2 = A.shape
+    b1, b2 = U.shape[1], V.shape[2]
+    G = grad.reshape(a1, b1, a2, b2)
+    B = U @ V  # [T, b1, b2]
+    dA = torch.einsum("ikpq,tkq->tip", G, B)
+    dB = torch.einsum("ikpq,tip->tkq", G, A)
+    return dA, dB @ V.transpose(1, 2), U.transpose(1, 2) @ dB

@@ -1,5 +1,6 @@
 """The ops: one module per op, each holding its schema, fake kernel, autograd and dispatch."""
 
 from .fdn import fdn
+from .kron_lora import kron_delta, kron_lora_linear
 
-__all__ = ["fdn"]
+__all__ = ["fdn", "kron_lora_linear", "kron_delta"]

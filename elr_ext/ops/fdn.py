@@ -50,7 +50,7 @@ _FORWARD = {"cpu": _forward_native, "cuda": _forward_native, "torch": _forward_t
 def fdn_forward(
     z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, num_groups: int, eps: float, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = backends.select("fdn", z.device, _FORWARD)
+    backend = backends.select("fdn", z.device, backends.native_implementations("fdn_forward") + ("torch",))
     return _FORWARD[backend](z, gamma, beta, num_groups, eps, activation)
 
 
@@ -97,7 +97,7 @@ def fdn_backward(
     needs_beta: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     needs = [needs_z, needs_gamma, needs_beta]
-    backend = backends.select("fdn", z.device, _BACKWARD)
+    backend = backends.select("fdn", z.device, backends.native_implementations("fdn_backward") + ("torch",))
     grads = _BACKWARD[backend](grad_out, z, gamma, beta, mean, rstd, num_groups, activation, needs)
     # custom ops return tensors only: an empty tensor stands for "not computed"
     return tuple(g if g is not None else z.new_empty(0) for g in grads)

@@ -1,0 +1,295 @@
+// Kronecker LoRA GEMM (eq. 9) and kron_delta for CUDA tensors: checks, output/workspace allocation,
+// the base product through cuBLAS, and the choice between the fused kernels and the batched-GEMM
+// path of csrc/kernels/kron_lora.cuh. Implements the elr_ext_native::kron_lora_forward /
+// kron_lora_backward / kron_delta / kron_delta_backward schemas of csrc/ops.cpp.
+//
+// The base product and the Kronecker term accumulate into one output: y = addmm(bias, x, W^T) (or
+// bias alone, or nothing) and then the kernels add scale * x dW^T into y in place; dx the same way
+// from grad_y W. dW itself is never built on this path.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "kernels/kron_lora.cuh"
+#include "kron_lora_args.h"
+
+namespace elr {
+namespace {
+
+// at::Half / at::BFloat16 have the bit layout of the CUDA types the kernels take.
+template <typename scalar_t>
+struct CudaType {
+  using type = scalar_t;
+};
+template <>
+struct CudaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+// nullptr for an undefined or empty tensor (an absent optional input or output).
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+template <typename T>
+T* mptr(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
+}
+
+// The CUDA-only checks; shapes, dtypes and devices are checked in kron_lora_args.h.
+void check_cuda_input(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  if (t.scalar_type() == at::kBFloat16) {
+    const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.get_device());
+    TORCH_CHECK(prop->major >= 8, op, ": bfloat16 on CUDA needs compute capability 8.0 or newer, got ", prop->major,
+                ".", prop->minor, " (", prop->name, ")");
+  }
+}
+
+at::Tensor workspace(size_t bytes, const at::Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+// U_cat [T*r, b1] with U_cat[t*r + s, k] = U[t, k, s] (a small copy), V_cat [T*r, b2] (a view).
+at::Tensor u_cat(const at::Tensor& U, const KronShape& s) {
+  return U.permute({0, 2, 1}).contiguous().view({s.rank_cols(), s.b1});
+}
+at::Tensor v_cat(const at::Tensor& V, const KronShape& s) { return V.view({s.rank_cols(), s.b2}); }
+
+// ---- Batched-GEMM path (factors too large for the fused kernels) -----------------------------------
+// y [M, d_out] viewed [M*a1, b1] gets scale * smat U_cat (added when accumulate). Returns (tmat, smat)
+// as [M*a2, T*r] / [M*a1, T*r].
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> gemm_forward(const KronShape& s, const at::Tensor& x, const at::Tensor& A,
+                                                const at::Tensor& U, const at::Tensor& V, at::Tensor& y,
+                                                bool accumulate, double scale, cudaStream_t stream) {
+  const int64_t R = s.rank_cols();
+  const at::Tensor tmat = at::mm(x.view({s.M * s.a2, s.b2}), v_cat(V, s).t()).contiguous();
+  at::Tensor smat = at::empty({s.M * s.a1, R}, x.options());
+  kron_mix_forward_cuda<T>(s, cptr<T>(A), cptr<T>(tmat), mptr<T>(smat), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor y2 = y.view({s.M * s.a1, s.b1});
+  // beta = 0: y's uninitialised contents are ignored, not multiplied.
+  at::addmm_out(y2, y2, smat, u_cat(U, s), /*beta=*/accumulate ? 1 : 0, /*alpha=*/scale);
+  return {tmat, smat};
+}
+
+template <typename T>
+void gemm_backward(const KronShape& s, const at::Tensor& gy, const at::Tensor& x, const at::Tensor& A,
+                   const at::Tensor& U, const at::Tensor& V, const at::Tensor& tmat_in, const at::Tensor& smat_in,
+                   double scale, at::Tensor& dx, bool accumulate_dx, at::Tensor& dA, at::Tensor& dU, at::Tensor& dV,
+                   cudaStream_t stream) {
+  const int64_t R = s.rank_cols();
+  const at::Tensor x2 = x.view({s.M * s.a2, s.b2});
+  const at::Tensor gy2 = gy.view({s.M * s.a1, s.b1});
+  const at::Tensor uc = u_cat(U, s), vc = v_cat(V, s);
+  const bool has_t = kron_has_intermediate(tmat_in), has_s = kron_has_intermediate(smat_in);
+  const bool need_t = dA.defined() || (dU.defined() && !has_s);
+  at::Tensor tmat, smat;
+  if (need_t) tmat = has_t ? tmat_in.contiguous().view({s.M * s.a2, R}) : at::mm(x2, vc.t()).contiguous();
+  if (dU.defined()) {
+    if (has_s) {
+      smat = smat_in.contiguous().view({s.M * s.a1, R});
+    } else {
+      smat = at::empty({s.M * s.a1, R}, x.options());
+      kron_mix_forward_cuda<T>(s, cptr<T>(A), cptr<T>(tmat), mptr<T>(smat), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  at::Tensor ds = at::empty({s.M * s.a1, R}, x.options());
+  at::addmm_out(ds, ds, gy2, uc.t(), /*beta=*/0, /*alpha=*/scale);  // ds = scale * dy U_cat^T
+  if (dA.defined()) {
+    const at::Tensor ws = workspace(kron_mix_grad_A_workspace_bytes<T>(s), x);
+    kron_mix_grad_A_cuda<T>(s, cptr<T>(ds), cptr<T>(tmat), mptr<T>(dA), ws.mutable_data_ptr(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (dx.defined() || dV.defined()) {
+    at::Tensor dt = at::empty({s.M * s.a2, R}, x.options());
+    kron_mix_backward_cuda<T>(s, cptr<T>(A), cptr<T>(ds), mptr<T>(dt), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (dx.defined()) {
+      at::Tensor dx2 = dx.view({s.M * s.a2, s.b2});
+      at::addmm_out(dx2, dx2, dt, vc, /*beta=*/accumulate_dx ? 1 : 0, /*alpha=*/1);
+    }
+    if (dV.defined()) {
+      at::Tensor dv2 = dV.view({R, s.b2});
+      at::mm_out(dv2, dt.t(), x2);
+    }
+  }
+  if (dU.defined()) {  // dU_cat [T*r, b1] = scale * smat^T dy, then back to [T, b1, r]
+    at::Tensor duc = at::empty({R, s.b1}, x.options());
+    at::addmm_out(duc, duc, smat.t(), gy2, /*beta=*/0, /*alpha=*/scale);
+    dU.copy_(duc.view({s.T, s.r, s.b1}).permute({0, 2, 1}));
+  }
+}
+
+// ---- Ops ----------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_lora_forward_cuda_op(
+    const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& U_in, const at::Tensor& V_in,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double scale,
+    bool save_intermediates) {
+  constexpr const char* op = "kron_lora_forward";
+  check_cuda_input(op, "x", x_in);
+  const KronShape s = kron_make_shape(op, x_in, A_in, U_in, V_in);
+  kron_check_base(op, s, x_in, weight, bias);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
+
+  // The base product first (cuBLAS); the Kronecker term is then added onto it in place.
+  at::Tensor y;
+  bool accumulate = true;
+  if (kron_has(weight)) {
+    y = kron_has(bias) ? at::addmm(*bias, x, weight->t()) : at::mm(x, weight->t());
+    if (!y.is_contiguous()) y = y.contiguous();
+  } else if (kron_has(bias)) {
+    y = bias->expand({s.M, s.d_out()}).contiguous();
+  } else {
+    y = at::empty({s.M, s.d_out()}, x.options());
+    accumulate = false;
+  }
+  const int64_t R = s.rank_cols();
+  at::Tensor tmat = at::empty({save_intermediates ? s.M : 0, s.a2, R}, x.options());
+  at::Tensor smat = at::empty({save_intermediates ? s.M : 0, s.a1, R}, x.options());
+  if (s.M == 0) return {y, tmat, smat};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kron_lora_forward_cuda", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    if (kron_fused_supported<T>(s)) {
+      kron_lora_forward_fused_cuda<T>(s, cptr<T>(x), cptr<T>(A), cptr<T>(U), cptr<T>(V), mptr<T>(y), accumulate,
+                                      scale, mptr<T>(tmat), mptr<T>(smat), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      auto [t, sm] = gemm_forward<T>(s, x, A, U, V, y, accumulate, scale, stream);
+      if (save_intermediates) {
+        tmat = t.view({s.M, s.a2, R});
+        smat = sm.view({s.M, s.a1, R});
+      }
+    }
+  });
+  return {y, tmat, smat};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_lora_backward_cuda_op(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& U_in,
+    const at::Tensor& V_in, const at::Tensor& tmat_in, const at::Tensor& smat_in,
+    const std::optional<at::Tensor>& weight, double scale, std::array<bool, 6> output_mask) {
+  constexpr const char* op = "kron_lora_backward";
+  check_cuda_input(op, "x", x_in);
+  const KronShape s = kron_make_shape(op, x_in, A_in, U_in, V_in);
+  kron_check_base(op, s, x_in, weight, std::nullopt);
+  kron_check_backward(op, s, x_in, grad_y_in, tmat_in, smat_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor gy = grad_y_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
+  const auto opts = x.options();
+
+  at::Tensor dx, dA, dU, dV, dweight, dbias;
+  bool accumulate_dx = false;
+  if (output_mask[0]) {
+    if (kron_has(weight)) {
+      dx = at::mm(gy, *weight);  // the base gradient; the Kronecker part is added in place
+      if (!dx.is_contiguous()) dx = dx.contiguous();
+      accumulate_dx = true;
+    } else {
+      dx = at::empty({s.M, s.d_in()}, opts);
+    }
+  }
+  if (output_mask[1]) dA = at::empty({s.T, s.a1, s.a2}, opts);
+  if (output_mask[2]) dU = at::empty({s.T, s.b1, s.r}, opts);
+  if (output_mask[3]) dV = at::empty({s.T, s.r, s.b2}, opts);
+  if (output_mask[4]) dweight = at::mm(gy.t(), x);
+  if (output_mask[5]) dbias = gy.sum(0);
+  if (s.M == 0) {  // sums over no tokens
+    for (at::Tensor* t : {&dA, &dU, &dV}) {
+      if (t->defined()) t->zero_();
+    }
+    return {dx, dA, dU, dV, dweight, dbias};
+  }
+  if (!dx.defined() && !dA.defined() && !dU.defined() && !dV.defined()) return {dx, dA, dU, dV, dweight, dbias};
+  const at::Tensor tmat = kron_has_intermediate(tmat_in) ? tmat_in.contiguous() : at::Tensor();
+  const at::Tensor smat = kron_has_intermediate(smat_in) ? smat_in.contiguous() : at::Tensor();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kron_lora_backward_cuda", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    if (kron_fused_supported<T>(s)) {
+      const at::Tensor ws = workspace(kron_lora_backward_fused_workspace_bytes<T>(s), x);
+      kron_lora_backward_fused_cuda<T>(s, cptr<T>(gy), cptr<T>(x), cptr<T>(A), cptr<T>(U), cptr<T>(V), cptr<T>(tmat),
+                                       cptr<T>(smat), scale, mptr<T>(dx), accumulate_dx, mptr<T>(dA), mptr<T>(dU),
+                                       mptr<T>(dV), ws.mutable_data_ptr(), stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      gemm_backward<T>(s, gy, x, A, U, V, tmat, smat, scale, dx, accumulate_dx, dA, dU, dV, stream);
+    }
+  });
+  return {dx, dA, dU, dV, dweight, dbias};
+}
+
+at::Tensor kron_delta_cuda_op(const at::Tensor& A_in, const at::Tensor& U_in, const at::Tensor& V_in) {
+  constexpr const char* op = "kron_delta";
+  check_cuda_input(op, "A", A_in);
+  const KronShape s = kron_make_factor_shape(op, A_in, U_in, V_in);
+  const c10::cuda::CUDAGuard guard(A_in.device());
+  const at::Tensor A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
+  at::Tensor dW = at::empty({s.d_out(), s.d_in()}, A.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "kron_delta_cuda", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    const at::Tensor ws = workspace(kron_delta_workspace_bytes<T>(s), A);
+    kron_delta_cuda<T>(s, cptr<T>(A), cptr<T>(U), cptr<T>(V), mptr<T>(dW), ws.mutable_data_ptr(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dW;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_delta_backward_cuda_op(const at::Tensor& grad_in,
+                                                                          const at::Tensor& A_in,
+                                                                          const at::Tensor& U_in,
+                                                                          const at::Tensor& V_in,
+                                                                          std::array<bool, 3> output_mask) {
+  constexpr const char* op = "kron_delta_backward";
+  check_cuda_input(op, "A", A_in);
+  const KronShape s = kron_make_factor_shape(op, A_in, U_in, V_in);
+  kron_check_delta_grad(op, s, grad_in, A_in);
+  const c10::cuda::CUDAGuard guard(A_in.device());
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
+  const auto opts = A.options();
+  at::Tensor dA = output_mask[0] ? at::empty({s.T, s.a1, s.a2}, opts) : at::Tensor();
+  at::Tensor dU = output_mask[1] ? at::empty({s.T, s.b1, s.r}, opts) : at::Tensor();
+  at::Tensor dV = output_mask[2] ? at::empty({s.T, s.r, s.b2}, opts) : at::Tensor();
+  if (!dA.defined() && !dU.defined() && !dV.defined()) return {dA, dU, dV};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "kron_delta_backward_cuda", [&] {
+    using T = typename CudaType<scalar_t>::type;
+    const at::Tensor ws = workspace(kron_delta_backward_workspace_bytes<T>(s), A);
+    kron_delta_backward_cuda<T>(s, cptr<T>(grad), cptr<T>(A), cptr<T>(U), cptr<T>(V), mptr<T>(dA), mptr<T>(dU),
+                                mptr<T>(dV), ws.mutable_data_ptr(), stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dA, dU, dV};
+}
+
+}  // namespace
+}  // namespace elr
+
+TORCH_LIBRARY_IMPL(elr_ext_native, CUDA, m) {
+  m.impl("kron_lora_forward", &elr::kron_lora_forward_cuda_op);
+  m.impl("kron_lora_backward", &elr::kron_lora_backward_cuda_op);
+  m.impl("kron_delta", &elr::kron_delta_cuda_op);
+  m.impl("kron_delta_backward", &elr::kron_delta_backward_cuda_op);
+}

@@ -1,0 +1,189 @@
+"""Kronecker-product LoRA GEMM (eq. 9): the whole Python story of the op.
+
+    y = x W^T + bias + scale * x dW^T,   dW = sum_t A_t kron (U_t V_t)
+
+- `kron_lora_linear` never builds dW: with X_m = x_m viewed [a2, b2],
+  Y_m = sum_t A_t (X_m V_t^T) U_t^T through the rank-space products tmat [M, a2, T*r] and
+  smat [M, a1, T*r] (csrc/kernels/kron_lora_common.h has the index conventions). Those are stored
+  in x's dtype, rounded from fp32 accumulators exactly as the unfused einsum path rounds them;
+  autograd saves them (rank-space, small next to x) only when a factor needs its gradient.
+- `kron_delta` builds dW for conv weights (viewed [out, in*kh*kw]), where it is cheap next to the
+  convolution, with its own backward.
+- schema: torch.library custom ops elr_ext::kron_lora_forward / kron_lora_backward / kron_delta /
+  kron_delta_backward with fake kernels; dispatch per call through elr_ext.backends (compiled cpu /
+  cuda kernels in csrc/{cpu,cuda}/kron_lora.*, or the reference in elr_ext/reference.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import backends, reference
+from .._checks import check_same_dtype_device, check_tensor
+
+
+def _select(native_op: str, device: torch.device) -> str:
+    return backends.select("kron_lora", device, backends.native_implementations(native_op) + ("torch",))
+
+
+# ------------------------------------------------------------------------------ kron_lora_linear
+@torch.library.custom_op("elr_ext::kron_lora_forward", mutates_args=())
+def kron_lora_forward(
+    x: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], scale: float, save_intermediates: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _select("kron_lora_forward", x.device) != "torch":
+        return torch.ops.elr_ext_native.kron_lora_forward(x, A, U, V, weight, bias, scale, save_intermediates)
+    y = reference.kron_lora_linear(x, A, U, V, weight, bias, scale).contiguous()
+    if not save_intermediates:
+        return y, x.new_empty(0), x.new_empty(0)
+    tmat, smat = reference.kron_lora_intermediates(x, A, U, V)
+    return y, tmat.contiguous(), smat.contiguous()
+
+
+@kron_lora_forward.register_fake
+def _(x, A, U, V, weight, bias, scale, save_intermediates):
+    T, a1, a2 = A.shape
+    b1, r = U.shape[1], U.shape[2]
+    y = x.new_empty((x.shape[0], a1 * b1))
+    if not save_intermediates:
+        return y, x.new_empty(0), x.new_empty(0)
+    return y, x.new_empty((x.shape[0], a2, T * r)), x.new_empty((x.shape[0], a1, T * r))
+
+
+@torch.library.custom_op("elr_ext::kron_lora_backward", mutates_args=())
+def kron_lora_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
+    tmat: torch.Tensor, smat: torch.Tensor, weight: Optional[torch.Tensor], scale: float, needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _select("kron_lora_backward", x.device) != "torch":
+        grads = torch.ops.elr_ext_native.kron_lora_backward(grad_y, x, A, U, V, tmat, smat, weight, scale, needs)
+    else:
+        grads = reference.kron_lora_linear_backward(grad_y, x, A, U, V, weight, scale)
+        grads = [g.contiguous() if need else None for g, need in zip(grads, needs)]
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@kron_lora_backward.register_fake
+def _(grad_y, x, A, U, V, tmat, smat, weight, scale, needs):
+    shapes = (x, A, U, V, weight, grad_y[0])
+    return tuple(torch.empty_like(t) if need and t is not None else x.new_empty(0) for t, need in zip(shapes, needs))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, A, U, V, weight, bias, scale, _ = inputs
+    _, tmat, smat = output
+    ctx.mark_non_differentiable(tmat, smat)
+    ctx.save_for_backward(x, A, U, V, tmat, smat, weight)
+    ctx.scale = scale
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+
+
+def _linear_backward(ctx, grad_y, _grad_tmat, _grad_smat):
+    x, A, U, V, tmat, smat, weight = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:6])
+    needs[4] = needs[4] and ctx.has_weight
+    needs[5] = needs[5] and ctx.has_bias
+    if not any(needs):
+        return (None,) * 8
+    grads = kron_lora_backward(grad_y.contiguous(), x, A, U, V, tmat, smat, weight, ctx.scale, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
+
+
+torch.library.register_autograd("elr_ext::kron_lora_forward", _linear_backward, setup_context=_linear_setup_context)
+
+
+def _check_factors(A, U, V):
+    check_tensor("A", A, dim=3)
+    check_tensor("U", U, dim=3)
+    check_tensor("V", V, dim=3)
+    check_same_dtype_device("A", A, U=U, V=V)
+    T, r = A.shape[0], U.shape[2]
+    if T < 1 or r < 1:
+        raise ValueError(f"A [T, a1, a2] and U [T, b1, r] need T >= 1 terms and rank r >= 1; got T={T}, r={r}")
+    if U.shape[0] != T or V.shape[0] != T:
+        raise ValueError(f"U {list(U.shape)} and V {list(V.shape)} must have A's T={T} terms in dim 0")
+    if V.shape[1] != r:
+        raise ValueError(f"V must be [T, r, b2] with U's rank r={r}, got {list(V.shape)}")
+
+
+def kron_lora_linear(
+    x: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
+    weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, scale: float = 1.0,
+) -> torch.Tensor:
+    """``x W^T + bias + scale * x dW^T`` with ``dW = sum_t A_t kron (U_t V_t)`` (eq. 9), dW never built.
+
+    Args:
+        x: [..., d_in], any leading dims, non-contiguous accepted.
+        A: [T, a1, a2]; U: [T, b1, r]; V: [T, r, b2], with d_out = a1*b1 and d_in = a2*b2.
+        weight, bias: the frozen base layer ([d_out, d_in], [d_out]); optional.
+        scale: multiplies the Kronecker term (alpha / rank in the modules).
+    """
+    check_tensor("x", x)
+    _check_factors(A, U, V)
+    check_same_dtype_device("x", x, A=A, U=U, V=V, weight=weight, bias=bias)
+    T, a1, a2 = A.shape
+    b1, b2 = U.shape[1], V.shape[2]
+    if x.dim() < 1 or x.shape[-1] != a2 * b2:
+        raise ValueError(f"x must be [..., d_in] with d_in = a2*b2 = {a2}*{b2} = {a2 * b2} from A {list(A.shape)} "
+                         f"and V {list(V.shape)}; got x {list(x.shape)}")
+    if weight is not None and list(weight.shape) != [a1 * b1, a2 * b2]:
+        raise ValueError(f"weight must be [d_out, d_in] = [{a1 * b1}, {a2 * b2}], got {list(weight.shape)}")
+    if bias is not None and list(bias.shape) != [a1 * b1]:
+        raise ValueError(f"bias must be [d_out] = [{a1 * b1}], got {list(bias.shape)}")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, a2 * b2).contiguous()
+    save = torch.is_grad_enabled() and (A.requires_grad or U.requires_grad)
+    y, _, _ = kron_lora_forward(x2d, A.contiguous(), U.contiguous(), V.contiguous(), weight, bias, float(scale), save)
+    return y.reshape(*lead, a1 * b1)
+
+
+# ------------------------------------------------------------------------------------ kron_delta
+@torch.library.custom_op("elr_ext::kron_delta", mutates_args=())
+def _kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    if _select("kron_delta", A.device) != "torch":
+        return torch.ops.elr_ext_native.kron_delta(A, U, V)
+    return reference.kron_delta(A, U, V).contiguous()
+
+
+@_kron_delta.register_fake
+def _(A, U, V):
+    return A.new_empty((A.shape[1] * U.shape[1], A.shape[2] * V.shape[2]))
+
+
+@torch.library.custom_op("elr_ext::kron_delta_backward", mutates_args=())
+def _kron_delta_backward(
+    grad: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, needs: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _select("kron_delta_backward", A.device) != "torch":
+        grads = torch.ops.elr_ext_native.kron_delta_backward(grad, A, U, V, needs)
+    else:
+        grads = [g.contiguous() if need else None for g, need in zip(reference.kron_delta_backward(grad, A, U, V), needs)]
+    return tuple(g if g is not None else A.new_empty(0) for g in grads)
+
+
+@_kron_delta_backward.register_fake
+def _(grad, A, U, V, needs):
+    return tuple(torch.empty_like(t) if need else A.new_empty(0) for t, need in zip((A, U, V), needs))
+
+
+def _delta_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _delta_backward(ctx, grad):
+    A, U, V = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad)
+    grads = _kron_delta_backward(grad.contiguous(), A, U, V, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+torch.library.register_autograd("elr_ext::kron_delta", _delta_backward, setup_context=_delta_setup_context)
+
+
+def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """dW = sum_t A_t kron (U_t V_t), [a1*b1, a2*b2] (eq. 9), for conv weights viewed [out, in*kh*kw]."""
+    _check_factors(A, U, V)
+    return _kron_delta(A.contiguous(), U.contiguous(), V.contiguous())
