@@ -200,7 +200,7 @@ if __name__ == "__main__":  # importable by tests without building
         install_requires=["torch>=2.4", "numpy"],
         extras_require={
             "train": ["diffusers", "transformers", "safetensors"],
-            "test": ["pytest", "matplotlib"],
+            "test": ["pytest", "matplotlib", "peft", "lycoris-lora"],
         },
         ext_modules=ext_modules,
         cmdclass=cmdclass,
