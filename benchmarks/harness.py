@@ -181,7 +181,7 @@ def plot(result: dict, path: str) -> None:
     os.replace(path + ".tmp.png", path)
 
 
-def parse_args(description: str, argv=None) -> argparse.Namespace:
+def parse_args(description: str, argv=None, extra=()) -> argparse.Namespace:
     """Common flags; re-executes the process once with a fixed malloc mmap threshold (see top)."""
     if os.environ.get(_MMAP_ENV) is None and sys.platform.startswith("linux"):
         os.environ[_MMAP_ENV] = "65536"
@@ -192,6 +192,8 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats: a smoke run")
     parser.add_argument("--out-dir", default=RESULTS_DIR)
+    for flag, help_text in extra:  # script-specific switches
+        parser.add_argument(flag, action="store_true", help=help_text)
     return parser.parse_args(argv)
 
 

@@ -1,0 +1,137 @@
+"""Benchmark of the Kronecker-product LoRA GEMM (eq. 9) at Stable Diffusion's linear-layer shapes.
+
+Arms, in one process, interleaved (benchmarks/harness.py):
+  build-dW + F.linear   dW = sum_t A_t kron (U_t V_t) built every step, then one dense product
+  peft LoKr             peft's LoKr layer on the frozen nn.Linear (T=1, its factor = n, rank r)
+  LyCORIS LoKr          LyCORIS's LokrModule, default mode, and `LyCORIS bypass` (bypass_mode)
+  eager factorised      elr_ext.reference.kron_lora_linear (the einsum chain, no dW)
+  torch.compile         torch.compile of the eager factorised reference
+  elr-ext               elr_ext.kron_lora_linear on the device's default backend
+The peers always include the frozen base layer, so they run only in the cases with a base weight.
+
+    python benchmarks/kron_gemm.py            # a representative subset (CPU fp32; GPU fp16 + bf16)
+    python benchmarks/kron_gemm.py --full     # the whole grid of the issue
+    python benchmarks/kron_gemm.py --quick    # small shapes: a smoke run
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import elr_ext  # noqa: E402
+from elr_ext import reference  # noqa: E402
+
+# (d_in, d_out): attention projections at SD's three widths, and the feed-forward pair
+LAYERS = [(320, 320), (640, 640), (1280, 1280), (1280, 10240), (5120, 1280)]
+TOKENS = [2 * 4096, 2 * 1024, 2 * 256]
+TERMS = [2, 4, 8]
+RANKS = [4, 8, 16]
+SUBSET = [((320, 320), 2 * 4096, 4, 8), ((640, 640), 2 * 1024, 4, 8), ((1280, 1280), 2 * 256, 4, 8),
+          ((1280, 10240), 2 * 256, 4, 8), ((5120, 1280), 2 * 256, 4, 8), ((640, 640), 2 * 1024, 8, 16),
+          ((640, 640), 2 * 1024, 2, 4)]
+QUICK = [((64, 96), 128, 2, 4), ((96, 64), 64, 4, 2)]
+
+
+def peer_layers(base: torch.nn.Linear, n: int, r: int):
+    """peft's and LyCORIS's LoKr on copies of `base`, with w1 [n, n] and w2 = w2_a w2_b of rank r and
+    non-zero factors (their init zeroes one factor)."""
+    layers = {}
+    try:
+        import copy
+
+        import peft
+
+        model = peft.get_peft_model(torch.nn.Sequential(copy.deepcopy(base)),
+                                    peft.LoKrConfig(r=r, alpha=r, target_modules=["0"], decompose_factor=n))
+        layers["peft LoKr"] = model.base_model.model[0]
+    except ImportError:
+        pass
+    try:
+        import copy
+
+        from lycoris.modules.lokr import LokrModule
+
+        for name, bypass in (("LyCORIS LoKr", False), ("LyCORIS bypass", True)):
+            module_base = copy.deepcopy(base)
+            module = LokrModule("bench", module_base, lora_dim=r, alpha=r, factor=n, bypass_mode=bypass)
+            module.apply_to()
+            layers[name] = module_base  # apply_to routes the base layer's forward through LoKr
+            layers[name]._lokr = module
+    except ImportError:
+        pass
+    for layer in layers.values():
+        for p in (getattr(layer, "_lokr", layer)).parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.02)
+    return layers
+
+
+def make_case(layer_shape, tokens, n, r, with_base, device, dtype) -> harness.Case:
+    d_in, d_out = layer_shape
+
+    def build_arms(mode):
+        torch.manual_seed(0)
+        base = torch.nn.Linear(d_in, d_out).to(device, dtype).requires_grad_(False)
+        weight, bias = (base.weight, base.bias) if with_base else (None, None)
+        A = (torch.randn(n, n, n, device=device, dtype=dtype) / n).requires_grad_()
+        U = (torch.randn(n, d_out // n, r, device=device, dtype=dtype) / r ** 0.5).requires_grad_()
+        V = (torch.randn(n, r, d_in // n, device=device, dtype=dtype) / d_in ** 0.5).requires_grad_()
+        x = torch.randn(tokens, d_in, device=device, dtype=dtype, requires_grad=True)
+        compiled = torch.compile(reference.kron_lora_linear, fullgraph=True)
+
+        def build_dw(x):
+            w = reference.kron_delta(A, U, V)
+            return F.linear(x, w + weight, bias) if with_base else F.linear(x, w)
+
+        fns = {"build-dW + F.linear": (build_dw, [x, A, U, V])}
+        if with_base:
+            for name, layer in peer_layers(base, n, r).items():
+                params = [p for p in getattr(layer, "_lokr", layer).parameters() if p.requires_grad]
+                fns[name] = (layer, [x] + params)
+        fns["eager factorised"] = (lambda x: reference.kron_lora_linear(x, A, U, V, weight, bias), [x, A, U, V])
+        fns["torch.compile"] = (lambda x: compiled(x, A, U, V, weight, bias), [x, A, U, V])
+        fns[harness.OURS] = (lambda x: elr_ext.kron_lora_linear(x, A, U, V, weight, bias), [x, A, U, V])
+        grad = torch.randn(tokens, d_out, device=device, dtype=dtype)
+
+        def arm(fn, leaves):
+            if mode == "fwd":
+                def call():
+                    with torch.no_grad():
+                        fn(x)
+                return call
+            return lambda: torch.autograd.grad(fn(x), leaves, grad)
+        return {name: arm(fn, leaves) for name, (fn, leaves) in fns.items()}
+
+    label = f"{d_in}->{d_out} M={tokens} n={n} r={r}{' +base' if with_base else ''}"
+    params = {"d_in": d_in, "d_out": d_out, "tokens": tokens, "terms": n, "rank": r, "base": with_base}
+    return harness.Case(label, params, build_arms)
+
+
+def main(argv=None):
+    args = harness.parse_args(__doc__.splitlines()[0], argv, extra=[("--full", "the whole grid of the issue")])
+    device = torch.device(args.device)
+    if args.quick:
+        grid = QUICK
+    elif args.full:
+        grid = [(layer, m, n, r) for layer, m, n, r in itertools.product(LAYERS, TOKENS, TERMS, RANKS)]
+    else:
+        grid = SUBSET
+    print(f"elr_ext backends on {device.type}: {elr_ext.available_backends(device.type)}; kron_lora compiled for "
+          f"{elr_ext.backends.native_implementations('kron_lora_forward')}")
+    for dtype in harness.dtypes_for(args):
+        cases = [make_case(layer, m, n, r, with_base, device, dtype)
+                 for layer, m, n, r in grid for with_base in (False, True)]
+        harness.run("kron_gemm", cases, device, dtype, repeats=3 if args.quick else args.repeats,
+                    out_dir=args.out_dir, tag="_quick" if args.quick else ("_full" if args.full else ""))
+
+
+if __name__ == "__main__":
+    main()
