@@ -3,10 +3,12 @@
 - All arms of a case run in one process, interleaved A B C A B C ..., after a warm-up; each sample
   times enough calls to last >= `min_sample_s`; the reported time is the median sample.
 - Memory: on GPU the peak bytes allocated by the measured call over what was allocated before it.
-  On CPU the growth of the peak resident set size during the measured call: the peak is reset
-  through /proc/self/clear_refs right before the call, and the process runs with a fixed glibc mmap
-  threshold (re-executed with MALLOC_MMAP_THRESHOLD_ set) so every large tensor is its own mapping,
-  returned to the OS when freed, and the previous arm's memory never hides this arm's.
+  On CPU the growth of the peak resident set size during the measured call, measured in a fresh
+  subprocess of the same script (after the timing, which keeps the default allocator): the peak is
+  reset through /proc/self/clear_refs right before the call, and that process runs with a fixed
+  glibc mmap threshold (MALLOC_MMAP_THRESHOLD_) so every large tensor is its own mapping, returned
+  to the OS when freed, and the previous arm's memory never hides this arm's. (The fixed threshold
+  would also make every large allocation page-fault afresh, which is why timing runs without it.)
 - Ratios are reported against the project's arm ("elr-ext"): speedup = other arm's time / ours.
 - Output: a printed table, JSON and a PNG plot under benchmarks/results/.
 """
@@ -20,6 +22,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List
@@ -29,6 +32,7 @@ import torch
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 OURS = "elr-ext"
 _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+_MEMORY_ONLY = "ELR_BENCH_MEMORY_ONLY"
 
 
 @dataclasses.dataclass
@@ -73,6 +77,16 @@ def peak_memory_bytes(fn: Callable[[], None], device: torch.device) -> int | Non
     return max(0, hwm - rss_before) * 1024
 
 
+def cpu_memory_subprocess() -> dict:
+    """Run this script again with the same arguments in memory-only mode (see the top)."""
+    env = dict(os.environ, **{_MEMORY_ONLY: "1", _MMAP_ENV: "65536"})
+    res = subprocess.run([sys.executable] + sys.argv, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        print(f"memory subprocess failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+        return {}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def time_arms(arms: Dict[str, Callable[[], None]], device: torch.device, repeats: int, min_sample_s: float) -> dict:
     """Median seconds per call of each arm, timed interleaved."""
     for fn in arms.values():  # warm-up: compilation, allocator, caches
@@ -107,6 +121,17 @@ def device_name(device: torch.device) -> str:
 def run(name: str, cases: List[Case], device: torch.device, dtype: torch.dtype, modes=("fwd", "fwd+bwd"),
         repeats: int = 15, min_sample_s: float = 0.02, out_dir: str = RESULTS_DIR, tag: str = "") -> dict:
     """Time and measure every arm of every case; print the table; write JSON and PNG."""
+    if os.environ.get(_MEMORY_ONLY):  # the CPU memory subprocess: measure, print JSON, stop
+        memory = {}
+        for case in cases:
+            for mode in modes:
+                torch._dynamo.reset()
+                for arm, fn in case.build_arms(mode).items():
+                    fn()
+                    fn()
+                    memory[f"{case.label}|{mode}|{arm}"] = peak_memory_bytes(fn, device)
+        print(json.dumps(memory))
+        sys.exit(0)
     rows = []
     for case in cases:
         for mode in modes:
@@ -116,13 +141,18 @@ def run(name: str, cases: List[Case], device: torch.device, dtype: torch.dtype, 
             for arm, fn in arms.items():
                 rows.append({
                     "case": case.label, "params": case.params, "mode": mode, "arm": arm,
-                    "median_ms": times[arm] * 1e3, "peak_mem_bytes": peak_memory_bytes(fn, device),
+                    "median_ms": times[arm] * 1e3,
+                    "peak_mem_bytes": peak_memory_bytes(fn, device) if device.type == "cuda" else None,
                 })
             del arms
             ours = times.get(OURS)
             line = "  ".join(f"{a}={t * 1e3:.3f}ms" + (f" ({t / ours:.2f}x)" if ours and a != OURS else "")
                              for a, t in times.items())
             print(f"[{name}] {case.label} {mode}: {line}", flush=True)
+    if device.type == "cpu":
+        memory = cpu_memory_subprocess()
+        for row in rows:
+            row["peak_mem_bytes"] = memory.get(f"{row['case']}|{row['mode']}|{row['arm']}")
     for row in rows:
         ours = next((r for r in rows if r["case"] == row["case"] and r["mode"] == row["mode"] and r["arm"] == OURS), None)
         row["speedup_of_ours"] = ours and row["median_ms"] / ours["median_ms"]
@@ -182,10 +212,7 @@ def plot(result: dict, path: str) -> None:
 
 
 def parse_args(description: str, argv=None, extra=()) -> argparse.Namespace:
-    """Common flags; re-executes the process once with a fixed malloc mmap threshold (see top)."""
-    if os.environ.get(_MMAP_ENV) is None and sys.platform.startswith("linux"):
-        os.environ[_MMAP_ENV] = "65536"
-        os.execv(sys.executable, [sys.executable] + sys.argv)
+    """The flags every benchmark script takes, plus `extra` (flag, help) switches."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default), float16 / bfloat16 (GPU default: both)")

@@ -129,13 +129,18 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     z, gamma, beta, mean, rstd = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
+    needs = list(ctx.needs_input_grad[:3])
     if not any(needs):
         return None, None, None, None, None, None
-    dz, dgamma, dbeta = fdn_backward(
-        grad_out.contiguous(memory_format=_layout_of(z)), z, gamma, beta, mean, rstd,
-        ctx.num_groups, ctx.activation, *needs,
-    )
+    grad_out = grad_out.contiguous(memory_format=_layout_of(z))
+    # Without an activation a full-size beta's gradient is grad_out itself: hand it on instead of
+    # having the kernel write a copy (one pass of z's size less).
+    dbeta_is_grad_out = needs[2] and ctx.activation == "none" and ctx.beta_shape == z.shape
+    if dbeta_is_grad_out:
+        needs[2] = False
+    dz, dgamma, dbeta = fdn_backward(grad_out, z, gamma, beta, mean, rstd, ctx.num_groups, ctx.activation, *needs)
+    if dbeta_is_grad_out:
+        return (dz if needs[0] else None, dgamma if needs[1] else None, grad_out, None, None, None)
     return (dz if needs[0] else None, dgamma if needs[1] else None, dbeta if needs[2] else None, None, None, None)
 
 
