@@ -140,7 +140,7 @@ _ADAPTERS = (KronLoRALinear, KronLoRAConv2d)
 
 def kron_lora_state_dict(model: nn.Module) -> dict:
     """The Kronecker factors of every adapter in `model`, by qualified name (the adapter alone)."""
-    return {f"{name}.{p}": getattr(module, p).detach()
+    return {f"{name}.{p}" if name else p: getattr(module, p).detach()
             for name, module in model.named_modules() if isinstance(module, _ADAPTERS) for p in ("A", "U", "V")}
 
 
@@ -175,5 +175,5 @@ def load_kron_lora(model: nn.Module, path: str) -> None:
     modules = dict(model.named_modules())
     with torch.no_grad():
         for key, value in state.items():
-            name, param = key.rsplit(".", 1)
+            name, _, param = key.rpartition(".")
             getattr(modules[name], param).copy_(value)
