@@ -191,7 +191,7 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if r["arm"] != OURS and r["speedup_of_ours"]]
-    groups = sorted({(r["case"], r["mode"]) for r in rows}, key=lambda k: [x["case"] for x in rows].index(k[0]))
+    groups = list(dict.fromkeys((r["case"], r["mode"]) for r in rows))
     arms = list(dict.fromkeys(r["arm"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups)), 4.5))
     width = 0.8 / max(1, len(arms))
