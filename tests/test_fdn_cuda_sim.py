@@ -10,20 +10,16 @@ by the parent, writing into shared-memory outputs that the parent poisoned with 
 from __future__ import annotations
 
 import ctypes
-import os
-import signal
-import time
-import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cuda_sim.build import SimBuildUnavailable, compiler, load_fdn_sim
+from cuda_sim.harness import assert_close, ptr, run_in_child
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 NCHW, NHWC = 0, 1
-CHILD_TIMEOUT_S = 60.0
 
 # (N, C, H, W, G): G=1 with odd HW; G=C; C/G=4 with HW=35; 1x1 spatial; C/G=8 with HW=24 (128-bit
 # packs for every dtype and layout); a group of 8640 elements, over kMinElemsPerBlock, so the
@@ -64,51 +60,7 @@ def reference_results(z, gamma, beta, dout, groups, eps, act, dtype):
     return results["ref"], results["eager"], mean, rstd
 
 
-def assert_close(got, ref64, eager, name):
-    """DESIGN.md 5: at most twice eager PyTorch's error in the same dtype; fp32 within 1e-5 relative,
-    fp64 within 1e-10 relative; fp16/bf16 get one unit of their precision on top."""
-    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
-    assert not torch.isnan(got).any(), f"{name}: element(s) left unwritten (NaN poison survived)"
-    err = (got.double() - ref64).abs().max().item()
-    base = (eager.double() - ref64).abs().max().item()
-    scale = ref64.abs().max().item() + 1e-30
-    if got.dtype == torch.float64:
-        bound = 1e-10 * scale
-    elif got.dtype == torch.float32:
-        bound = max(2 * base, 1e-5 * scale)
-    else:
-        bound = 2 * base + torch.finfo(got.dtype).eps * scale
-    assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (eager {base:.3e}, scale {scale:.3e})"
-
-
 # ---- Running the simulation in a child ------------------------------------------------------------
-def run_in_child(fn, timeout=CHILD_TIMEOUT_S):
-    """fn() in a forked child; fails the test on a crash, an exception or a timeout."""
-    pid = os.fork()
-    if pid == 0:  # child: no pytest machinery, leave without running atexit handlers
-        code = 0
-        try:
-            fn()
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        os._exit(code)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            pytest.fail(f"simulated kernel still running after {timeout:.0f} s (hang?)")
-        time.sleep(0.002)
-    if os.WIFSIGNALED(status):
-        name = signal.Signals(os.WTERMSIG(status)).name
-        pytest.fail(f"simulated kernel crashed: {name} (see the captured stderr)")
-    assert os.WEXITSTATUS(status) == 0, "simulation call raised in the child (see captured stderr)"
-
-
 def poisoned(shape, dtype, layout=NCHW):
     """A NaN-filled output in shared memory (the child's writes reach the parent), in `layout`."""
     t = torch.full(shape, float("nan"), dtype=dtype)
@@ -119,10 +71,6 @@ def poisoned(shape, dtype, layout=NCHW):
 
 def in_layout(t, layout):
     return t.contiguous(memory_format=torch.channels_last) if layout == NHWC else t.contiguous()
-
-
-def ptr(t):
-    return None if t is None else t.data_ptr()
 
 
 class Case:
