@@ -16,6 +16,7 @@ from .ops import fdn, kron_delta, kron_lora_linear
 backends._load_native()  # one clear warning now if a compiled part is missing, not at first use
 
 from . import nn  # noqa: E402  (modules build on the ops above)
+from . import tiny  # noqa: E402  (the tiny built-in model configuration; imports diffusers lazily)
 
 __version__ = "0.1.0"
-__all__ = ["fdn", "kron_lora_linear", "kron_delta", "build_info", "use_backend", "available_backends", "backends", "reference", "nn"]
+__all__ = ["fdn", "kron_lora_linear", "kron_delta", "build_info", "use_backend", "available_backends", "backends", "reference", "nn", "tiny"]
