@@ -152,3 +152,38 @@ def kron_delta_backward(grad, A, U, V):
     dA = torch.einsum("ikpq,tkq->tip", G, B)
     dB = torch.einsum("ikpq,tip->tkq", G, A)
     return dA, dB @ V.transpose(1, 2), U.transpose(1, 2) @ dB
+
+
+# ---------------------------------------------------------------------------------- lowrank_proj
+def lowrank_proj_with_hidden(x, downs, ups, biases=None):
+    """K low-rank projections of one input (eq. 2: K = W_K tau = A B tau, with W_j = A_j B_j, the
+    SVD initialisation A = U_k S_k, B = V_k^T of section 2.2.1).
+
+    x [..., in]; downs[j] = B_j [r_j, in]; ups[j] = A_j [out_j, r_j]; biases None or a list of K
+    entries, each None or b_j [out_j]. One product for all down-projections,
+    h = x [B_1; ...; B_K]^T  [..., sum r_j], then y_j = h_j A_j^T + b_j with h_j h's j-th column block.
+    Returns ((y_1, ..., y_K), h); h is what autograd needs besides x."""
+    biases = [None] * len(downs) if biases is None else list(biases)
+    h = x @ torch.cat(list(downs)).T
+    hs = h.split([B.shape[0] for B in downs], dim=-1)
+    ys = tuple(F.linear(h_j, A_j, b_j) for h_j, A_j, b_j in zip(hs, ups, biases))
+    return ys, h
+
+
+def lowrank_proj(x, downs, ups, biases=None):
+    """y_j = x B_j^T A_j^T + b_j for j = 1..K (eq. 2), the weights W_j = A_j B_j never built."""
+    return lowrank_proj_with_hidden(x, downs, ups, biases)[0]
+
+
+def lowrank_proj_backward(grad_ys, x2d, h, downs, ups):
+    """The analytic gradients of lowrank_proj for x2d [M, in], h = x2d [B_1; ...; B_K]^T [M, R] and
+    grad_ys[j] [M, out_j]: dA_j = dy_j^T h_j; dh_j = dy_j A_j; dB = dh^T x; dx = dh B; db_j = sum_m dy_j.
+    Returns (dx, [dB_j], [dA_j], [db_j]); dh is rounded to x's dtype, as autograd of the unfused
+    product rounds it."""
+    hs = h.split([B.shape[0] for B in downs], dim=-1)
+    dh = torch.cat([dy @ A for dy, A in zip(grad_ys, ups)], dim=-1)
+    dx = dh @ torch.cat(list(downs))
+    ddown = (dh.T @ x2d).split([B.shape[0] for B in downs], dim=0)
+    dups = [dy.T @ h_j for dy, h_j in zip(grad_ys, hs)]
+    dbiases = [dy.sum(0) for dy in grad_ys]
+    return dx, list(ddown), dups, dbiases

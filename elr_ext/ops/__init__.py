@@ -2,5 +2,6 @@
 
 from .fdn import fdn
 from .kron_lora import kron_delta, kron_lora_linear
+from .lowrank_proj import lowrank_proj
 
-__all__ = ["fdn", "kron_lora_linear", "kron_delta"]
+__all__ = ["fdn", "kron_lora_linear", "kron_delta", "lowrank_proj"]

@@ -1,0 +1,268 @@
+"""Fused low-rank projections (Stage I student weights, eq. 2; DESIGN.md 2.3): the whole Python
+story of the op.
+
+    h = x [B_1; ...; B_K]^T   [M, R = sum_j r_j]      one GEMM for all down-projections
+    y_j = h_j A_j^T + b_j      [M, out_j]              h_j = h[:, off_j : off_j + r_j]
+
+with W_j = A_j B_j stored as ups[j] = A_j [out_j, r_j] and downs[j] = B_j [r_j, in] (different
+ranks allowed). Self-attention calls it with K = 3 (q, k, v) on the hidden states; cross-attention
+makes two calls (K = 1 for q on the hidden states, K = 2 for k, v on the text context).
+
+- autograd saves x and h only (plus the factors themselves, which are parameters, not
+  activations). Backward: dA_j = dy_j^T h_j; dh_j = dy_j A_j; dB = dh^T x; dx = dh B;
+  db_j = sum_m dy_j; only the gradients that are needed.
+- schema: torch.library custom ops elr_ext::lowrank_proj_forward -> (ys, h) and
+  elr_ext::lowrank_proj_backward -> (dx, dB, dAs, dbs), with fake kernels, so torch.compile traces
+  them without graph breaks. They take the factors as tensor lists (`Tensor[]`), not concatenated
+  in the wrapper: each A_j, b_j reaches the kernel as is (no per-call copy of the ups) and its
+  gradient comes back as its own tensor. The downs are stacked inside the kernel (a copy of
+  R x in elements, skipped when they already lie back to back in one buffer), and dB comes back
+  stacked [R, in] and is split here into views. An absent bias is an empty tensor in the list
+  (custom ops take no None inside a list that autograd flows through: Tensor?[] is opaque to
+  register_autograd); outputs not computed are empty tensors, as in the other ops.
+- dispatch: per call, through elr_ext.backends, in one place: the _FORWARD / _BACKWARD tables
+  (compiled cpu / cuda wrappers in csrc/{cpu,cuda}/lowrank_proj.*, or the reference in
+  elr_ext/reference.py). Eager calls reach the backend through an autograd.Function (the custom
+  op's Python layer costs tens of microseconds per call, as much as the GEMMs at SD's smallest
+  token counts); traced calls use the custom ops. Both share _save and _backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .. import backends, reference
+from .._checks import check_same_dtype_device, check_tensor
+from .fdn import _traced
+
+
+def _implemented(native_op: str) -> tuple:
+    return backends.native_implementations(native_op) + ("torch",)
+
+
+def _backend(native_op: str, device: torch.device) -> str:
+    return backends.select("lowrank_proj", device, _implemented(native_op))
+
+
+def _empty_like_absent(x: torch.Tensor) -> torch.Tensor:
+    """The stand-in for an absent bias or a gradient that was not computed."""
+    return x.new_empty(0)
+
+
+# --------------------------------------------------------------------------- backends: forward
+def _forward_native(x, downs, ups, biases):
+    ys, h = torch.ops.elr_ext_native.lowrank_proj_forward(x, downs, ups, biases)
+    return list(ys), h
+
+
+def _forward_torch(x, downs, ups, biases):
+    ys, h = reference.lowrank_proj_with_hidden(x, downs, ups, [b if b.numel() else None for b in biases])
+    return [y.contiguous() for y in ys], h.contiguous()
+
+
+_FORWARD = {"cpu": _forward_native, "cuda": _forward_native, "torch": _forward_torch}
+
+
+@torch.library.custom_op("elr_ext::lowrank_proj_forward", mutates_args=())
+def lowrank_proj_forward(
+    x: torch.Tensor, downs: list[torch.Tensor], ups: list[torch.Tensor], biases: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """x [M, in] -> ([y_j [M, out_j]], h [M, R]); biases[j] is [out_j] or empty (no bias)."""
+    ys, h = _FORWARD[_backend("lowrank_proj_forward", x.device)](x, downs, ups, biases)
+    return ys, h
+
+
+@lowrank_proj_forward.register_fake
+def _(x, downs, ups, biases):
+    ranks = sum(B.shape[0] for B in downs)
+    return [x.new_empty((x.shape[0], A.shape[0])) for A in ups], x.new_empty((x.shape[0], ranks))
+
+
+# -------------------------------------------------------------------------- backends: backward
+def _backward_native(grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups, needs_biases):
+    dx, ddown, dups, dbiases = torch.ops.elr_ext_native.lowrank_proj_backward(
+        grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups, needs_biases
+    )
+    return dx, ddown, list(dups), list(dbiases)
+
+
+def _backward_torch(grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups, needs_biases):
+    dx, ddowns, dups, dbiases = reference.lowrank_proj_backward(grad_ys, x, h, downs, ups)
+    absent = _empty_like_absent(x)
+    return (
+        dx.contiguous() if needs_x else absent,
+        torch.cat(ddowns) if needs_downs else absent,
+        [g.contiguous() if need else absent for g, need in zip(dups, needs_ups)],
+        [g.contiguous() if need else absent for g, need in zip(dbiases, needs_biases)],
+    )
+
+
+_BACKWARD = {"cpu": _backward_native, "cuda": _backward_native, "torch": _backward_torch}
+
+
+@torch.library.custom_op("elr_ext::lowrank_proj_backward", mutates_args=())
+def lowrank_proj_backward(
+    grad_ys: list[torch.Tensor], x: torch.Tensor, h: torch.Tensor, downs: list[torch.Tensor],
+    ups: list[torch.Tensor], needs_x: bool, needs_downs: bool, needs_ups: list[bool], needs_biases: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """-> (dx [M, in], dB [R, in] (the downs' gradients stacked), [dA_j], [db_j]); empty where not needed."""
+    backend = _backend("lowrank_proj_backward", x.device)
+    dx, ddown, dups, dbiases = _BACKWARD[backend](grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups,
+                                                  needs_biases)
+    return dx, ddown, dups, dbiases
+
+
+@lowrank_proj_backward.register_fake
+def _(grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups, needs_biases):
+    absent = _empty_like_absent(x)
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format) if needs_x else absent,
+        x.new_empty((h.shape[1], x.shape[1])) if needs_downs else absent,
+        [torch.empty_like(A) if need else absent for A, need in zip(ups, needs_ups)],
+        [x.new_empty((A.shape[0],)) if need else absent for A, need in zip(ups, needs_biases)],
+    )
+
+
+# ------------------------------------------------------------------------------------ autograd
+def _save(ctx, x, h, downs, ups, biases):
+    # x and h are the only activations kept; the factors are parameters (no extra memory)
+    ctx.save_for_backward(x, h, *downs, *ups)
+    ctx.num_proj = len(downs)
+    ctx.has_bias = [b.numel() > 0 for b in biases]
+
+
+def _backward(ctx, grad_ys, needs_x, needs_downs, needs_ups, needs_biases):
+    """(dx, [dB_j or None], [dA_j or None], [db_j or None]) for the saved call."""
+    x, h, *factors = ctx.saved_tensors
+    K = ctx.num_proj
+    downs, ups = factors[:K], factors[K:]
+    needs_biases = [need and has for need, has in zip(needs_biases, ctx.has_bias)]
+    need_down = any(needs_downs)
+    if not (needs_x or need_down or any(needs_ups) or any(needs_biases)):
+        return None, [None] * K, [None] * K, [None] * K
+    args = (list(grad_ys), x, h, list(downs), list(ups), bool(needs_x), need_down, list(needs_ups), needs_biases)
+    if _traced(x):  # the custom op, which has a fake kernel
+        dx, ddown, dups, dbiases = lowrank_proj_backward(*args)
+    else:  # eager: straight to the backend
+        dx, ddown, dups, dbiases = _BACKWARD[_backend("lowrank_proj_backward", x.device)](*args)
+    ddowns = ddown.split([B.shape[0] for B in downs]) if need_down else [None] * K
+    return (
+        dx if needs_x else None,
+        [g if need else None for g, need in zip(ddowns, needs_downs)],
+        [g if need else None for g, need in zip(dups, needs_ups)],
+        [g if need else None for g, need in zip(dbiases, needs_biases)],
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, downs, ups, biases = inputs
+    _, h = output
+    ctx.mark_non_differentiable(h)
+    _save(ctx, x, h, downs, ups, biases)
+
+
+def _custom_op_backward(ctx, grad_ys, _grad_h):
+    # needs_input_grad arrives with the inputs' structure: (x, [downs], [ups], [biases])
+    needs_x, needs_downs, needs_ups, needs_biases = ctx.needs_input_grad
+    return _backward(ctx, grad_ys, needs_x, needs_downs, needs_ups, needs_biases)
+
+
+torch.library.register_autograd(
+    "elr_ext::lowrank_proj_forward", _custom_op_backward, setup_context=_setup_context
+)
+
+
+class _LowRankProjEager(torch.autograd.Function):
+    """The eager path: the backend called directly inside an autograd.Function, with the same saved
+    tensors and backward as the custom op. Inputs are flattened: (x, K, *downs, *ups, *biases)."""
+
+    @staticmethod
+    def forward(ctx, x, K, *factors):
+        downs, ups, biases = list(factors[:K]), list(factors[K:2 * K]), list(factors[2 * K:])
+        ys, h = _FORWARD[_backend("lowrank_proj_forward", x.device)](x, downs, ups, biases)
+        _save(ctx, x, h, downs, ups, biases)
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *grad_ys):
+        K = ctx.num_proj
+        needs = ctx.needs_input_grad
+        dx, ddowns, dups, dbiases = _backward(
+            ctx, grad_ys, needs[0], needs[2:2 + K], needs[2 + K:2 + 2 * K], needs[2 + 2 * K:]
+        )
+        return (dx, None, *ddowns, *dups, *dbiases)
+
+
+# ---------------------------------------------------------------------------------- public API
+def _check_inputs(x, downs, ups, biases):
+    """Validates the arguments; returns (downs, ups, biases) as lists, biases with K entries."""
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must be [..., in], got a 0-D tensor")
+    for name, seq in (("downs", downs), ("ups", ups)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name} must be a list of 2-D tensors, got {type(seq).__name__}")
+    K = len(downs)
+    if K == 0:
+        raise ValueError("downs must hold at least one down-projection B_j [r_j, in], got an empty list")
+    if len(ups) != K:
+        raise ValueError(f"ups must hold one up-projection A_j [out_j, r_j] per down-projection: "
+                         f"got {len(ups)} ups for {K} downs")
+    if biases is None:
+        biases = [None] * K
+    elif isinstance(biases, torch.Tensor) or not isinstance(biases, (list, tuple)):
+        raise TypeError(f"biases must be None or a list of K={K} entries (each None or [out_j]), "
+                        f"got {type(biases).__name__}")
+    elif len(biases) != K:
+        raise ValueError(f"biases must be None or a list of K={K} entries (each None or [out_j]), "
+                         f"got {len(biases)} entries")
+    d_in = x.shape[-1]
+    for j, (B, A, b) in enumerate(zip(downs, ups, biases)):
+        check_tensor(f"downs[{j}]", B, dim=2)
+        check_tensor(f"ups[{j}]", A, dim=2)
+        if b is not None:
+            check_tensor(f"biases[{j}]", b, dim=1)
+        check_same_dtype_device("x", x, **{f"downs[{j}]": B, f"ups[{j}]": A, f"biases[{j}]": b})
+        r = B.shape[0]
+        if r < 1 or B.shape[1] != d_in:
+            raise ValueError(f"downs[{j}] must be [r_j, in] with r_j >= 1 and in = x.shape[-1] = {d_in}, "
+                             f"got {list(B.shape)}")
+        if A.shape[1] != r or A.shape[0] < 1:
+            raise ValueError(f"ups[{j}] must be [out_j, r_j] with out_j >= 1 and r_j = {r}, the rank of downs[{j}] "
+                             f"{list(B.shape)}; got {list(A.shape)}")
+        if b is not None and b.shape[0] != A.shape[0]:
+            raise ValueError(f"biases[{j}] must be [out_j] = [{A.shape[0]}] (ups[{j}] is {list(A.shape)}), "
+                             f"got {list(b.shape)}")
+    return list(downs), list(ups), list(biases)
+
+
+def lowrank_proj(
+    x: torch.Tensor,
+    downs: Sequence[torch.Tensor],
+    ups: Sequence[torch.Tensor],
+    biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
+) -> tuple[torch.Tensor, ...]:
+    """K low-rank projections of one input (eq. 2): ``y_j = x B_j^T A_j^T + b_j``, W_j = A_j B_j never
+    built, one GEMM for all the down-projections.
+
+    Args:
+        x: [..., in], any leading dims, non-contiguous accepted; fp32, fp64, fp16 or bf16.
+        downs: K >= 1 down-projections B_j [r_j, in] (ranks may differ).
+        ups: K up-projections A_j [out_j, r_j].
+        biases: None, or K entries each None or b_j [out_j].
+    Returns:
+        the tuple (y_1, ..., y_K), y_j [..., out_j].
+
+    Autograd saves x and the rank-space activations h [M, sum r_j], nothing output-sized.
+    """
+    downs, ups, biases = _check_inputs(x, downs, ups, biases)
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, d_in)  # a view where x allows it; the kernels take any row stride
+    biases = [b if b is not None else _empty_like_absent(x) for b in biases]
+    if _traced(x):
+        ys, _ = lowrank_proj_forward(x2d, downs, ups, biases)
+    else:
+        ys = _LowRankProjEager.apply(x2d, len(downs), *downs, *ups, *biases)
+    return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
