@@ -87,6 +87,29 @@ def cpu_memory_subprocess() -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def process_memory_bytes() -> tuple:
+    """(peak RSS, current RSS) of this process in bytes (Linux /proc; peak = VmHWM)."""
+    hwm, rss = _rss_kib()
+    return hwm * 1024, rss * 1024
+
+
+def run_fresh(args: List[str], memory: bool = False, timeout: float | None = None) -> dict:
+    """Run `python args...` in a fresh process and return the JSON object it prints on its last stdout
+    line ({} after printing the error if it fails). memory=True: with the fixed mmap threshold of the
+    memory runs (see the top), for scripts that measure one arm per process (benchmarks/train_step.py)."""
+    env = dict(os.environ, **({_MMAP_ENV: "65536"} if memory else {}))
+    try:
+        res = subprocess.run([sys.executable] + list(args), env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"fresh process timed out after {timeout} s: {' '.join(args)}", file=sys.stderr)
+        return {}
+    lines = res.stdout.strip().splitlines()
+    if res.returncode != 0 or not lines:
+        print(f"fresh process failed ({' '.join(args)}):\n{res.stderr[-3000:]}", file=sys.stderr)
+        return {}
+    return json.loads(lines[-1])
+
+
 def time_arms(arms: Dict[str, Callable[[], None]], device: torch.device, repeats: int, min_sample_s: float) -> dict:
     """Median seconds per call of each arm, timed interleaved."""
     for fn in arms.values():  # warm-up: compilation, allocator, caches

@@ -1,0 +1,505 @@
+"""Benchmark of one Stage II training step: Uni-ControlNet-style baseline against ELR Stage II, and
+each of ELR's three savings alone, on the same backbone, batch and resolution (paper Table 2).
+
+Arms (ARMS below):
+  baseline     adapter="full" (a trainable copy of the encoder and middle block, Uni-ControlNet's
+               local adapter), FDN in eager PyTorch (group_norm, mul, add), dense backbone
+  kron         Kronecker updates on a frozen copy (adapter="kron"), eager FDN, dense backbone
+  fused-fdn    adapter="full", the fused FDN op (elr_ext.fdn), dense backbone
+  decomposed   adapter="full", eager FDN, backbone decomposed by elr_ext.decompose (the adapter's copy
+               inherits the low-rank format, paper 2.4)
+  elr          adapter="kron", fused FDN, decomposed backbone: ELR Stage II
+
+One step = adapter forward, frozen UNet forward with the adapter's residuals, MSE on the noise,
+backward, AdamW step, zero_grad. The text embeddings, noisy latents, timesteps and condition are
+fixed random tensors made once (the frozen text encoder and VAE cost the same in every arm and are
+often cached in training). Weights are fp32; on a GPU the step runs under autocast (--dtype).
+
+Measured for each arm:
+  trainable / total parameters (unique tensors; total = backbone + adapter)
+  peak memory: one fresh process per arm. GPU: max_memory_allocated over the measured steps minus
+    what the inputs took (it includes weights, gradients, optimizer states, activations). CPU: peak
+    RSS (VmHWM) over the measured steps minus the RSS before the model was built, with glibc's mmap
+    threshold fixed so freed tensors go back to the OS (benchmarks/harness.py).
+  s/it: median over timed steps after warm-up. --timing interleaved: all arms in one process, timed
+    A B C D E A B C ... (benchmarks/harness.time_arms); --timing fresh: each arm in its own fresh
+    process per round, rounds interleaved, the median of the rounds' medians (for shapes where five
+    arms do not fit in memory together).
+  ratios against the baseline, and the targets: trainable <= 0.42x, memory <= 0.55x, s/it <= 0.38x.
+
+    python benchmarks/train_step.py --quick                         # tiny config, smoke run
+    python benchmarks/train_step.py                                 # tiny config on the CPU
+    python benchmarks/train_step.py --config sd21 --batch 1 --latent 32   # SD 2.1 shapes, CPU-reduced
+    python benchmarks/train_step.py --config sd21 --batch 1 2 4     # SD 2.1 shapes at 512 px on a GPU
+
+Timings are only meaningful on an otherwise idle machine; parameter counts are exact anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+import elr_ext  # noqa: E402
+from elr_training.data.conditions import condition_channels  # noqa: E402  (the training app's channel counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    adapter: str  # "full" or "kron"
+    fused_fdn: bool
+    decomposed: bool
+    label: str
+
+
+ARMS = {
+    "baseline": Arm("full", False, False, "Uni-ControlNet-style baseline"),
+    "kron": Arm("kron", False, False, "Kronecker updates only"),
+    "fused-fdn": Arm("full", True, False, "fused FDN only"),
+    "decomposed": Arm("full", False, True, "decomposed backbone only"),
+    "elr": Arm("kron", True, True, "ELR Stage II (all three)"),
+}
+BASELINE, OURS = "baseline", "elr"
+TARGETS = {"trainable_params": 0.42, "peak_memory_bytes": 0.55, "seconds_per_iteration": 0.38}
+PAPER = {"trainable_params": 750 / 1271, "peak_memory_bytes": 14 / 20, "seconds_per_iteration": 2.15 / 5.72}
+
+# Stable Diffusion 2.1's UNet (stabilityai/stable-diffusion-2-1 unet/config.json), random weights.
+SD21_UNET = dict(
+    in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+    cross_attention_dim=1024, use_linear_projection=True, layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+
+
+@dataclasses.dataclass
+class StepConfig:
+    """The model and shapes of one benchmark configuration (all arms share it)."""
+
+    name: str = "tiny"  # "tiny": elr_ext.tiny (pixel space); "sd21": SD 2.1's UNet shapes
+    batch: int = 2
+    latent: int = 32  # side of the UNet's input (latent for sd21, pixels for tiny)
+    condition_types: tuple = ("canny",)
+    text_tokens: int = 77
+    terms: int = 4
+    rank: int = 8
+    rank_ratio: float = 0.25  # elr_ext.decompose: rank = rank_ratio * min(out, in) per layer
+    lr: float = 1e-5
+
+    @property
+    def condition_scale(self) -> int:
+        """Condition side / UNet input side: SD's VAE downsamples 8x, the tiny config is pixel space."""
+        return 8 if self.name == "sd21" else 1
+
+    @property
+    def condition_channels(self) -> int:
+        return condition_channels(self.condition_types)
+
+    @property
+    def condition_channel_list(self) -> list:
+        return [condition_channels([t]) for t in self.condition_types]
+
+    def describe(self) -> str:
+        side = self.latent * self.condition_scale
+        space = f"latents {self.latent}x{self.latent} ({side} px)" if self.name == "sd21" else f"{side}x{side} px"
+        return f"{self.name}, batch {self.batch}, {space}, condition {'+'.join(self.condition_types)}"
+
+
+def build_unet(cfg: StepConfig) -> nn.Module:
+    if cfg.name == "tiny":
+        from elr_ext.tiny import tiny_unet
+
+        return tiny_unet(sample_size=cfg.latent)
+    if cfg.name == "sd21":
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel(sample_size=cfg.latent, **SD21_UNET)
+    raise ValueError(f"--config must be tiny or sd21, got {cfg.name!r}")
+
+
+def set_fdn_mode(adapter: nn.Module, fused: bool) -> int:
+    """Run every FDN of the adapter fused (elr_ext.fdn) or in eager PyTorch (reference.fdn_eager:
+    group_norm, mul, add, silu as Uni-ControlNet writes it); returns how many FDN blocks were set."""
+    from elr_ext.nn.control_adapter import FDNResnetBlock
+
+    blocks = [m for m in adapter.modules() if isinstance(m, FDNResnetBlock)]
+    for block in blocks:
+        block.fused = fused
+    return len(blocks)
+
+
+def count_unique(parameters) -> int:
+    """Elements of the distinct tensors among `parameters` (a weight shared by two modules counts once)."""
+    seen, total = set(), 0
+    for p in parameters:
+        key = (p.data_ptr(), p.numel())
+        if key not in seen:
+            seen.add(key)
+            total += p.numel()
+    return total
+
+
+def build_arm(cfg: StepConfig, arm: Arm, device: torch.device):
+    """(unet, adapter, optimizer) of one arm, weights fp32 on `device`, seeded identically."""
+    from elr_ext.nn.control_adapter import LocalControlAdapter
+
+    torch.manual_seed(0)
+    unet = build_unet(cfg)
+    if arm.decomposed:
+        elr_ext.decompose(unet, rank_ratio=cfg.rank_ratio)
+    unet.requires_grad_(False)
+    adapter = LocalControlAdapter.from_unet(unet, condition_channels=cfg.condition_channel_list, adapter=arm.adapter,
+                                            terms=cfg.terms, rank=cfg.rank, latent_factor=cfg.condition_scale)
+    if set_fdn_mode(adapter, arm.fused_fdn) == 0:
+        raise RuntimeError("the adapter holds no FDN block: nothing to run fused or eager")
+    unet.to(device)
+    adapter.to(device).train()
+    optimizer = torch.optim.AdamW(list(adapter.trainable_parameters()), lr=cfg.lr)
+    return unet, adapter, optimizer
+
+
+def make_inputs(cfg: StepConfig, unet_config, device: torch.device) -> dict:
+    g = torch.Generator().manual_seed(1)
+    b, side = cfg.batch, cfg.latent
+    cond_side = side * cfg.condition_scale
+    tensors = {
+        "sample": torch.randn(b, unet_config.in_channels, side, side, generator=g),
+        "noise": torch.randn(b, unet_config.out_channels, side, side, generator=g),
+        "timesteps": torch.randint(0, 1000, (b,), generator=g),
+        "encoder_hidden_states": torch.randn(b, cfg.text_tokens, unet_config.cross_attention_dim, generator=g),
+        "condition": (torch.rand(b, cfg.condition_channels, cond_side, cond_side, generator=g) > 0.9).float(),
+    }
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def make_step(unet, adapter, optimizer, inputs: dict, autocast_dtype: Optional[torch.dtype]):
+    device_type = inputs["sample"].device.type
+
+    def step() -> None:
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            down, mid = adapter(inputs["sample"], inputs["timesteps"], inputs["encoder_hidden_states"],
+                                inputs["condition"])
+            pred = unet(inputs["sample"], inputs["timesteps"], encoder_hidden_states=inputs["encoder_hidden_states"],
+                        down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        loss = F.mse_loss(pred.float(), inputs["noise"].float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def _unet_config(cfg: StepConfig):
+    """The UNet config without building the UNet (for the inputs' shapes)."""
+    if cfg.name == "tiny":
+        from elr_ext.tiny import TINY_UNET_CONFIG
+
+        conf = dict(TINY_UNET_CONFIG)
+    else:
+        conf = dict(SD21_UNET)
+    return argparse.Namespace(**conf)
+
+
+# ----------------------------------------------------------------------------------------------
+# One arm in a fresh process (the --child mode): prints one JSON line
+
+
+def child(cfg: StepConfig, arm_name: str, job: str, device: torch.device, autocast_dtype, warmup: int,
+          steps: int) -> dict:
+    arm = ARMS[arm_name]
+    # Warm the process up with the same arm on the tiny config: the lazy imports and the first-call
+    # initialisations (autograd engine, kernels, allocator pools) cost the same in every arm and are
+    # not training memory; they must happen before the RSS the peak is measured against.
+    small = dataclasses.replace(cfg, name="tiny", batch=1, latent=16)
+    unet, adapter, optimizer = build_arm(small, arm, device)
+    make_step(unet, adapter, optimizer, make_inputs(small, _unet_config(small), device), autocast_dtype)()
+    del unet, adapter, optimizer
+    gc.collect()
+    inputs = make_inputs(cfg, _unet_config(cfg), device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = harness.process_memory_bytes()[1]
+    unet, adapter, optimizer = build_arm(cfg, arm, device)
+    step = make_step(unet, adapter, optimizer, inputs, autocast_dtype)
+    for _ in range(warmup):  # the first step also allocates the optimizer's states
+        step()
+    out = {"arm": arm_name, "job": job}
+    if job == "time":
+        samples = []
+        for _ in range(steps):
+            harness._sync(device)
+            start = time.perf_counter()
+            step()
+            harness._sync(device)
+            samples.append(time.perf_counter() - start)
+        out["seconds"] = statistics.median(samples)
+        out["samples"] = samples
+        return out
+    # job == "memory": the peak over the measured steps, on top of what the process held before the
+    # model was built (so the build's temporaries, e.g. the dense weights decompose replaces, are not counted)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize(device)
+        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) - before
+        out["peak_total_bytes"] = torch.cuda.max_memory_allocated(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := current RSS (weights, optimizer states): the build's peak is forgotten
+        for _ in range(steps):
+            step()
+        peak, _ = harness.process_memory_bytes()
+        out["peak_memory_bytes"] = peak - before
+        out["peak_total_bytes"] = peak
+    out["trainable_params"] = count_unique(adapter.trainable_parameters())
+    out["adapter_params"] = count_unique(adapter.parameters())
+    out["backbone_params"] = count_unique(unet.parameters())
+    out["total_params"] = count_unique(list(unet.parameters()) + list(adapter.parameters()))
+    return out
+
+
+def _child_args(args, arm: str, job: str, batch: int) -> List[str]:
+    return [os.path.abspath(__file__), "--child", arm, "--job", job, "--config", args.config, "--batch", str(batch),
+            "--latent", str(args.latent), "--device", args.device, "--warmup", str(args.warmup),
+            "--steps", str(args.steps), "--conditions", ",".join(args.conditions), "--rank", str(args.rank),
+            "--terms", str(args.terms), "--rank-ratio", str(args.rank_ratio)] + \
+        (["--dtype", args.dtype] if args.dtype else [])
+
+
+# ----------------------------------------------------------------------------------------------
+# The parent: every arm, ratios, targets, files
+
+
+def time_interleaved(cfg: StepConfig, arms: List[str], device, autocast_dtype, repeats: int) -> dict:
+    """All arms in this process, timed A B C ... A B C ... by the harness (median of `repeats`)."""
+    fns = {}
+    for name in arms:
+        unet, adapter, optimizer = build_arm(cfg, ARMS[name], device)
+        fns[name] = make_step(unet, adapter, optimizer, make_inputs(cfg, unet.config, device), autocast_dtype)
+    return harness.time_arms(fns, device, repeats=repeats, min_sample_s=0.0)
+
+
+def time_fresh(args, arms: List[str], batch: int, rounds: int) -> dict:
+    """Each arm in a fresh process per round, rounds interleaved; the median of the rounds' medians."""
+    per_arm: Dict[str, list] = {a: [] for a in arms}
+    for _ in range(rounds):
+        for arm in arms:
+            res = harness.run_fresh(_child_args(args, arm, "time", batch))
+            if res:
+                per_arm[arm].append(res["seconds"])
+    return {a: statistics.median(v) for a, v in per_arm.items() if v}
+
+
+def measure_memory(args, arms: List[str], batch: int, jobs: int) -> dict:
+    """Peak memory and parameter counts, one fresh process per arm (processes may run side by side:
+    a process's peak RSS is its own)."""
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results = list(pool.map(lambda a: harness.run_fresh(_child_args(args, a, "memory", batch), memory=True), arms))
+    return {a: r for a, r in zip(arms, results)}
+
+
+def summarise(rows: List[dict]) -> None:
+    """Add the ratios against the baseline and the target verdicts to the rows (in place)."""
+    base = next((r for r in rows if r["arm"] == BASELINE), None)
+    for row in rows:
+        row["ratios"] = {}
+        for key in TARGETS:
+            value, ref = row.get(key), base and base.get(key)
+            row["ratios"][key] = value / ref if value is not None and ref else None
+        if row["arm"] == OURS:
+            row["targets"] = {k: {"target": t, "ratio": row["ratios"][k], "paper": PAPER[k],
+                                  "met": None if row["ratios"][k] is None else row["ratios"][k] <= t}
+                              for k, t in TARGETS.items()}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"train_step on {result['device']} ({result['precision']}, torch {result['torch']}); "
+             f"{result['config_description']}; timing: {result['timing']}",
+             f"ratios are arm / baseline (lower is better); targets for elr: trainable <= "
+             f"{TARGETS['trainable_params']}x, memory <= {TARGETS['peak_memory_bytes']}x, s/it <= "
+             f"{TARGETS['seconds_per_iteration']}x"]
+    header = (f"{'arm':12s} {'description':32s} {'trainable':>12s} {'total':>13s} {'peak MiB':>10s} {'s/it':>9s} "
+              f"{'train x':>8s} {'mem x':>7s} {'s/it x':>7s}")
+    lines += [header, "-" * len(header)]
+    for r in result["rows"]:
+        def num(key, fmt):
+            v = r.get(key)
+            return "-" if v is None else format(v, fmt)
+
+        def ratio(key):
+            v = r["ratios"].get(key)
+            return "-" if v is None else f"{v:.3f}"
+
+        mem = r.get("peak_memory_bytes")
+        lines.append(f"{r['arm']:12s} {ARMS[r['arm']].label:32s} {num('trainable_params', ',d'):>12s} "
+                     f"{num('total_params', ',d'):>13s} {'-' if mem is None else f'{mem / 2**20:.1f}':>10s} "
+                     f"{num('seconds_per_iteration', '.4f'):>9s} {ratio('trainable_params'):>8s} "
+                     f"{ratio('peak_memory_bytes'):>7s} {ratio('seconds_per_iteration'):>7s}")
+    ours = next((r for r in result["rows"] if r["arm"] == OURS and "targets" in r), None)
+    if ours:
+        for key, t in ours["targets"].items():
+            verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
+            got = "-" if t["ratio"] is None else f"{t['ratio']:.3f}x"
+            lines.append(f"target {key}: {got} vs <= {t['target']}x -> {verdict} (paper Table 2: {t['paper']:.3f}x)")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(TARGETS)
+    names = {"trainable_params": "trainable params", "peak_memory_bytes": "peak memory", "seconds_per_iteration": "s/it"}
+    rows = [r for r in result["rows"] if r["arm"] != BASELINE]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    width = 0.8 / max(1, len(rows))
+    for i, row in enumerate(rows):
+        values = [row["ratios"].get(k) or 0 for k in keys]
+        ax.bar([j + i * width for j in range(len(keys))], values, width, label=ARMS[row["arm"]].label)
+    for j, k in enumerate(keys):
+        ax.hlines(TARGETS[k], j - width / 2, j + 0.8 - width / 2, colors="red", linestyles="dashed",
+                  label="target (elr)" if j == 0 else None)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
+    ax.set_xticklabels([names[k] for k in keys])
+    ax.set_ylabel("ratio to the Uni-ControlNet-style baseline")
+    ax.set_title(f"train_step: {result['config_description']}\n{result['device']}, {result['precision']}", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="tiny", choices=("tiny", "sd21"))
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default: tiny 2; sd21 1 on the "
+                   "CPU, 1 2 4 on a GPU)")
+    p.add_argument("--latent", type=int, default=None, help="UNet input side (default: tiny 32; sd21 64 on a GPU "
+                   "= 512 px, 32 on the CPU = 256 px)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="autocast dtype on a GPU (default bfloat16); the CPU runs fp32")
+    p.add_argument("--conditions", type=lambda s: s.split(","), default=["canny"], help="condition types, e.g. canny,seg")
+    p.add_argument("--arms", type=lambda s: s.split(","), default=list(ARMS), help=f"subset of {','.join(ARMS)}")
+    p.add_argument("--timing", choices=("interleaved", "fresh"), default=None,
+                   help="default: interleaved for tiny, fresh for sd21 (five SD arms do not fit side by side)")
+    p.add_argument("--repeats", type=int, default=15, help="timed steps per arm (interleaved) / per process (fresh)")
+    p.add_argument("--rounds", type=int, default=3, help="--timing fresh: processes per arm, interleaved")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=None, help="measured steps per child process (default: --repeats)")
+    p.add_argument("--memory-jobs", type=int, default=1, help="memory processes run side by side")
+    p.add_argument("--terms", type=int, default=4)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank-ratio", type=float, default=0.25)
+    p.add_argument("--no-timing", action="store_true", help="parameters and memory only (timing needs an idle machine)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few steps: a smoke run")
+    p.add_argument("--out-dir", default=harness.RESULTS_DIR)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--job", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    if args.quick:
+        args.latent = args.latent or 16
+        args.batch = args.batch or [1]
+        args.repeats, args.rounds, args.warmup = min(args.repeats, 3), 1, 1
+    if args.batch is None:
+        args.batch = [2] if args.config == "tiny" else ([1, 2, 4] if gpu else [1])
+    if args.latent is None:
+        args.latent = 32 if args.config == "tiny" else (64 if gpu else 32)
+    args.steps = args.steps or (2 if args.quick else args.repeats)
+    args.timing = args.timing or ("interleaved" if args.config == "tiny" else "fresh")
+    unknown = [a for a in args.arms if a not in ARMS]
+    if unknown:
+        p.error(f"--arms: unknown {unknown}; known: {list(ARMS)}")
+    return args
+
+
+def main(argv=None) -> List[dict]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    autocast_dtype = getattr(torch, args.dtype or "bfloat16") if device.type == "cuda" else None
+    precision = f"fp32 weights, autocast {autocast_dtype}" if autocast_dtype else "fp32"
+
+    if args.child:  # one arm in this fresh process
+        cfg = StepConfig(args.config, args.batch[0], args.latent, tuple(args.conditions), terms=args.terms,
+                         rank=args.rank, rank_ratio=args.rank_ratio)
+        print(json.dumps(child(cfg, args.child, args.job, device, autocast_dtype, args.warmup, args.steps)))
+        return []
+
+    print("train_step settings: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("child", "job")))
+    results = []
+    for batch in args.batch:
+        cfg = StepConfig(args.config, batch, args.latent, tuple(args.conditions), terms=args.terms, rank=args.rank,
+                         rank_ratio=args.rank_ratio)
+        print(f"== {cfg.describe()}", flush=True)
+        memory = measure_memory(args, args.arms, batch, args.memory_jobs)
+        times = {}
+        if not args.no_timing:
+            if args.timing == "interleaved":
+                times = time_interleaved(cfg, args.arms, device, autocast_dtype, args.repeats)
+            else:
+                times = time_fresh(args, args.arms, batch, args.rounds)
+        rows = []
+        for arm in args.arms:
+            mem = memory.get(arm) or {}
+            rows.append({"arm": arm, "description": ARMS[arm].label, **dataclasses.asdict(ARMS[arm]),
+                         "trainable_params": mem.get("trainable_params"), "total_params": mem.get("total_params"),
+                         "adapter_params": mem.get("adapter_params"), "backbone_params": mem.get("backbone_params"),
+                         "peak_memory_bytes": mem.get("peak_memory_bytes"),
+                         "peak_total_bytes": mem.get("peak_total_bytes"),
+                         "seconds_per_iteration": times.get(arm)})
+        summarise(rows)
+        result = {
+            "benchmark": "train_step", "config": dataclasses.asdict(cfg), "config_description": cfg.describe()
+            + (" (reduced from 512 px to fit this machine's memory)" if cfg.name == "sd21" and device.type == "cpu"
+               else ""),
+            "device": harness.device_name(device), "device_type": device.type, "precision": precision,
+            "timing": "not measured" if args.no_timing else
+            (f"{args.timing}, median of {args.repeats} steps" + (f" x {args.rounds} rounds" if args.timing == "fresh"
+                                                                  else "") + f" after {args.warmup} warm-up"),
+            "memory": "GPU max_memory_allocated" if device.type == "cuda" else
+            "peak RSS over the measured steps minus RSS before the build, fresh process per arm",
+            "torch": torch.__version__, "python": platform.python_version(),
+            "elr_ext_backends": elr_ext.available_backends(device.type),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick, "rows": rows,
+        }
+        table = format_table(result)
+        print(table, flush=True)
+        os.makedirs(args.out_dir, exist_ok=True)
+        stem = os.path.join(args.out_dir, f"train_step_{device.type}_{args.config}_b{batch}_s{args.latent}"
+                            + ("_quick" if args.quick else ""))
+        for suffix, text in ((".json", json.dumps(result, indent=1)), (".txt", table + "\n")):
+            with open(stem + suffix + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(stem + suffix + ".tmp", stem + suffix)
+        plot(result, stem + ".png")
+        print(f"wrote {stem}.json, .txt and .png")
+        results.append(result)
+    return results
+
+
+if __name__ == "__main__":
+    main()
