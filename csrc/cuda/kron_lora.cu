@@ -155,7 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_lora_forward_cuda_op(
     y = kron_has(bias) ? at::addmm(*bias, x, weight->t()) : at::mm(x, weight->t());
     if (!y.is_contiguous()) y = y.contiguous();
   } else if (kron_has(bias)) {
-    y = bias->expand({s.M, s.d_out()}).contiguous();
+    // clone, not contiguous(): for M == 1 the expanded bias counts as contiguous and would be written in place
+    y = bias->expand({s.M, s.d_out()}).clone(at::MemoryFormat::Contiguous);
   } else {
     y = at::empty({s.M, s.d_out()}, x.options());
     accumulate = false;

@@ -38,7 +38,8 @@ def kron_lora_forward(
         return torch.ops.elr_ext_native.kron_lora_forward(x, A, U, V, weight, bias, scale, save_intermediates)
     y = reference.kron_lora_linear(x, A, U, V, weight, bias, scale).contiguous()
     if not save_intermediates:
-        return y, x.new_empty(0), x.new_empty(0)
+        T, a1, a2 = A.shape
+        return y, x.new_empty((0, a2, T * U.shape[2])), x.new_empty((0, a1, T * U.shape[2]))
     tmat, smat = reference.kron_lora_intermediates(x, A, U, V)
     return y, tmat.contiguous(), smat.contiguous()
 
@@ -47,10 +48,9 @@ def kron_lora_forward(
 def _(x, A, U, V, weight, bias, scale, save_intermediates):
     T, a1, a2 = A.shape
     b1, r = U.shape[1], U.shape[2]
-    y = x.new_empty((x.shape[0], a1 * b1))
-    if not save_intermediates:
-        return y, x.new_empty(0), x.new_empty(0)
-    return y, x.new_empty((x.shape[0], a2, T * r)), x.new_empty((x.shape[0], a1, T * r))
+    # the saved intermediates are empty ([0, ...]) when autograd will not need them
+    M = x.shape[0] if save_intermediates else 0
+    return x.new_empty((x.shape[0], a1 * b1)), x.new_empty((M, a2, T * r)), x.new_empty((M, a1, T * r))
 
 
 @torch.library.custom_op("elr_ext::kron_lora_backward", mutates_args=())

@@ -1,0 +1,171 @@
+// Kronecker LoRA GEMM (eq. 9) and kron_delta for CPU tensors: checks (csrc/kron_lora_args.h),
+// output allocation, the base product through the BLAS, and the fused kernels of
+// csrc/kernels/kron_lora.h. Implements the elr_ext_native::kron_lora_forward / kron_lora_backward /
+// kron_delta / kron_delta_backward schemas of csrc/ops.cpp with the semantics of the CUDA wrapper
+// (csrc/cuda/kron_lora.cu): same outputs, same masks, same rounding of tmat / smat.
+//
+// The base product and the Kronecker term accumulate into one output: y = addmm(bias, x, W^T) (or
+// bias alone, or nothing) and then the kernel adds scale * x dW^T into y in place; dx the same way
+// from grad_y W. dW itself is never built on this path, and no output-sized temporary is made.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "kernels/kron_lora.h"
+#include "kron_lora_args.h"
+
+namespace elr {
+namespace {
+
+// at::parallel_for over a kernel's work units, with a grain that gives each task at least
+// at::internal::GRAIN_SIZE of the op's `numel` values so small calls stay on one thread.
+struct AtenParallelFor {
+  int64_t numel;
+  template <typename Fn>
+  void operator()(int64_t total, const Fn& fn) const {
+    if (total <= 0) return;
+    const int64_t per_unit = std::max<int64_t>(1, numel / total);
+    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / per_unit);
+    at::parallel_for(0, total, grain, fn);
+  }
+};
+
+// nullptr for an undefined or empty tensor (an absent optional input or output).
+template <typename T>
+const T* cptr(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.const_data_ptr<T>() : nullptr;
+}
+template <typename T>
+T* mptr(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+// ---- Ops ----------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_lora_forward_cpu_op(
+    const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& U_in, const at::Tensor& V_in,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double scale,
+    bool save_intermediates) {
+  constexpr const char* op = "kron_lora_forward";
+  const KronShape s = kron_make_shape(op, x_in, A_in, U_in, V_in);
+  kron_check_base(op, s, x_in, weight, bias);
+  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
+
+  // The base product first; the Kronecker term is then added onto it in place.
+  at::Tensor y;
+  bool accumulate = true;
+  if (kron_has(weight)) {
+    y = kron_has(bias) ? at::addmm(*bias, x, weight->t()) : at::mm(x, weight->t());
+    if (!y.is_contiguous()) y = y.contiguous();
+  } else if (kron_has(bias)) {
+    // clone, not contiguous(): for M == 1 the expanded bias already counts as contiguous, and y
+    // (written in place below) would alias the caller's bias.
+    y = bias->expand({s.M, s.d_out()}).clone(at::MemoryFormat::Contiguous);
+  } else {
+    y = at::empty({s.M, s.d_out()}, x.options());
+    accumulate = false;
+  }
+  const int64_t R = s.rank_cols();
+  at::Tensor tmat = at::empty({save_intermediates ? s.M : 0, s.a2, R}, x.options());
+  at::Tensor smat = at::empty({save_intermediates ? s.M : 0, s.a1, R}, x.options());
+  if (s.M == 0) return {y, tmat, smat};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kron_lora_forward_cpu", [&] {
+    kron_lora_forward_cpu<scalar_t>(s, cptr<scalar_t>(x), cptr<scalar_t>(A), cptr<scalar_t>(U), cptr<scalar_t>(V),
+                                    mptr<scalar_t>(y), accumulate, scale, mptr<scalar_t>(tmat), mptr<scalar_t>(smat),
+                                    AtenParallelFor{s.M * (s.d_in() + s.d_out())});
+  });
+  return {y, tmat, smat};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kron_lora_backward_cpu_op(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& U_in,
+    const at::Tensor& V_in, const at::Tensor& tmat_in, const at::Tensor& smat_in,
+    const std::optional<at::Tensor>& weight, double scale, std::array<bool, 6> output_mask) {
+  constexpr const char* op = "kron_lora_backward";
+  const KronShape s = kron_make_shape(op, x_in, A_in, U_in, V_in);
+  kron_check_base(op, s, x_in, weight, std::nullopt);
+  kron_check_backward(op, s, x_in, grad_y_in, tmat_in, smat_in);
+  const at::Tensor gy = grad_y_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
+  const auto opts = x.options();
+
+  at::Tensor dx, dA, dU, dV, dweight, dbias;
+  bool accumulate_dx = false;
+  if (output_mask[0]) {
+    if (kron_has(weight)) {
+      dx = at::mm(gy, *weight);  // the base gradient; the Kronecker part is added in place
+      if (!dx.is_contiguous()) dx = dx.contiguous();
+      accumulate_dx = true;
+    } else {
+      dx = at::empty({s.M, s.d_in()}, opts);
+    }
+  }
+  if (output_mask[1]) dA = at::empty({s.T, s.a1, s.a2}, opts);
+  if (output_mask[2]) dU = at::empty({s.T, s.b1, s.r}, opts);
+  if (output_mask[3]) dV = at::empty({s.T, s.r, s.b2}, opts);
+  if (output_mask[4]) dweight = at::mm(gy.t(), x);
+  if (output_mask[5]) dbias = gy.sum(0);
+  if (!dx.defined() && !dA.defined() && !dU.defined() && !dV.defined()) return {dx, dA, dU, dV, dweight, dbias};
+  // (M == 0: the kernel zeroes dA, dU, dV, the sums over no tokens.)
+  const at::Tensor tmat = kron_has_intermediate(tmat_in) ? tmat_in.contiguous() : at::Tensor();
+  const at::Tensor smat = kron_has_intermediate(smat_in) ? smat_in.contiguous() : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kron_lora_backward_cpu", [&] {
+    kron_lora_backward_cpu<scalar_t>(s, cptr<scalar_t>(gy), cptr<scalar_t>(x), cptr<scalar_t>(A), cptr<scalar_t>(U),
+                                     cptr<scalar_t>(V), cptr<scalar_t>(tmat), cptr<scalar_t>(smat), scale,
+                                     mptr<scalar_t>(dx), accumulate_dx, mptr<scalar_t>(dA), mptr<scalar_t>(dU),
+                                     mptr<scalar_t>(dV), AtenParallelFor{s.M * (s.d_in() + s.d_out())});
+  });
+  return {dx, dA, dU, dV, dweight, dbias};
+}
+
+at::Tensor kron_delta_cpu_op(const at::Tensor& A_in, const at::Tensor& U_in, const at::Tensor& V_in) {
+  constexpr const char* op = "kron_delta";
+  const KronShape s = kron_make_factor_shape(op, A_in, U_in, V_in);
+  const at::Tensor A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
+  at::Tensor dW = at::empty({s.d_out(), s.d_in()}, A.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "kron_delta_cpu", [&] {
+    kron_delta_cpu<scalar_t>(s, cptr<scalar_t>(A), cptr<scalar_t>(U), cptr<scalar_t>(V), mptr<scalar_t>(dW),
+                             AtenParallelFor{s.d_out() * s.d_in()});
+  });
+  return dW;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_delta_backward_cpu_op(const at::Tensor& grad_in,
+                                                                         const at::Tensor& A_in,
+                                                                         const at::Tensor& U_in,
+                                                                         const at::Tensor& V_in,
+                                                                         std::array<bool, 3> output_mask) {
+  constexpr const char* op = "kron_delta_backward";
+  const KronShape s = kron_make_factor_shape(op, A_in, U_in, V_in);
+  kron_check_delta_grad(op, s, grad_in, A_in);
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
+  const auto opts = A.options();
+  at::Tensor dA = output_mask[0] ? at::empty({s.T, s.a1, s.a2}, opts) : at::Tensor();
+  at::Tensor dU = output_mask[1] ? at::empty({s.T, s.b1, s.r}, opts) : at::Tensor();
+  at::Tensor dV = output_mask[2] ? at::empty({s.T, s.r, s.b2}, opts) : at::Tensor();
+  if (!dA.defined() && !dU.defined() && !dV.defined()) return {dA, dU, dV};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "kron_delta_backward_cpu", [&] {
+    kron_delta_backward_cpu<scalar_t>(s, cptr<scalar_t>(grad), cptr<scalar_t>(A), cptr<scalar_t>(U),
+                                      cptr<scalar_t>(V), mptr<scalar_t>(dA), mptr<scalar_t>(dU), mptr<scalar_t>(dV),
+                                      AtenParallelFor{s.d_out() * s.d_in()});
+  });
+  return {dA, dU, dV};
+}
+
+}  // namespace
+}  // namespace elr
+
+TORCH_LIBRARY_IMPL(elr_ext_native, CPU, m) {
+  m.impl("kron_lora_forward", &elr::kron_lora_forward_cpu_op);
+  m.impl("kron_lora_backward", &elr::kron_lora_backward_cpu_op);
+  m.impl("kron_delta", &elr::kron_delta_cpu_op);
+  m.impl("kron_delta_backward", &elr::kron_delta_backward_cpu_op);
+}
