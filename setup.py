@@ -199,7 +199,8 @@ if __name__ == "__main__":  # importable by tests without building
         python_requires=">=3.9",
         install_requires=["torch>=2.4", "numpy"],
         extras_require={
-            "train": ["diffusers", "transformers", "safetensors"],
+            "train": ["diffusers", "transformers", "safetensors", "accelerate", "tensorboard", "opencv-python-headless",
+                      "webdataset", "tqdm", "pyyaml", "torchmetrics", "torch-fidelity", "pillow"],
             "test": ["pytest", "matplotlib", "peft", "lycoris-lora"],
         },
         ext_modules=ext_modules,
