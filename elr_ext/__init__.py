@@ -21,3 +21,12 @@ from . import tiny  # noqa: E402  (the tiny built-in model configuration; import
 
 __version__ = "0.1.0"
 __all__ = ["fdn", "kron_lora_linear", "kron_delta", "lowrank_proj", "build_info", "use_backend", "available_backends", "backends", "reference", "nn", "tiny"]
+
+
+def __getattr__(name):
+    # elr_ext.pipelines builds on diffusers (the "train" extra): imported on first use.
+    if name == "pipelines":
+        import importlib
+
+        return importlib.import_module(".pipelines", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

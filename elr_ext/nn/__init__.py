@@ -6,3 +6,13 @@ from .kron_lora import (KronLoRAConv2d, KronLoRALinear, factorization, kron_lora
 
 __all__ = ["FDN", "KronLoRALinear", "KronLoRAConv2d", "factorization", "kron_lora_state_dict", "save_kron_lora",
            "load_kron_lora"]
+
+
+def __getattr__(name):
+    # The Stage II adapter builds on diffusers (the "train" extra): imported on first use, so that
+    # `import elr_ext` works without diffusers.
+    if name in ("LocalControlAdapter", "FDNResnetBlock"):
+        from . import control_adapter
+
+        return getattr(control_adapter, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
