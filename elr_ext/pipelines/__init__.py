@@ -1,0 +1,5 @@
+"""Generation pipelines (diffusers DiffusionPipeline subclasses)."""
+
+from .elr_control import ELRControlPipeline, condition_to_tensor
+
+__all__ = ["ELRControlPipeline", "condition_to_tensor"]
