@@ -17,10 +17,12 @@ from .ops import fdn, kron_delta, kron_lora_linear, lowrank_proj
 backends._load_native()  # one clear warning now if a compiled part is missing, not at first use
 
 from . import nn  # noqa: E402  (modules build on the ops above)
+from .decompose import decompose, load_decomposed, save_decomposed  # noqa: E402
 from . import tiny  # noqa: E402  (the tiny built-in model configuration; imports diffusers lazily)
 
 __version__ = "0.1.0"
-__all__ = ["fdn", "kron_lora_linear", "kron_delta", "lowrank_proj", "build_info", "use_backend", "available_backends", "backends", "reference", "nn", "tiny"]
+__all__ = ["fdn", "kron_lora_linear", "kron_delta", "lowrank_proj", "build_info", "use_backend", "available_backends", "backends", "reference", "nn", "tiny", "decompose",
+           "save_decomposed", "load_decomposed"]
 
 
 def __getattr__(name):
