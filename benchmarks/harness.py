@@ -242,6 +242,7 @@ def parse_args(description: str, argv=None, extra=()) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats: a smoke run")
     parser.add_argument("--out-dir", default=RESULTS_DIR)
+    parser.add_argument("--only", default=None, metavar="REGEX", help="run only the cases whose label matches")
     for flag, help_text in extra:  # script-specific switches
         parser.add_argument(flag, action="store_true", help=help_text)
     return parser.parse_args(argv)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 
 import torch
@@ -129,6 +130,7 @@ def main(argv=None):
     for dtype in harness.dtypes_for(args):
         cases = [make_case(layer, m, n, r, with_base, device, dtype)
                  for layer, m, n, r in grid for with_base in (False, True)]
+        cases = [case for case in cases if not args.only or re.search(args.only, case.label)]
         harness.run("kron_gemm", cases, device, dtype, repeats=3 if args.quick else args.repeats,
                     out_dir=args.out_dir, tag="_quick" if args.quick else ("_full" if args.full else ""))
 

@@ -145,6 +145,28 @@ def test_no_dw_sized_tensor_is_allocated(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("factors", [(2, 2, 2, 4, 16, 2), (4, 4, 4, 4, 4, 8)])
+@pytest.mark.parametrize("saves", [False, True])
+def test_rank_space_products_are_saved_only_on_request(backend, factors, saves):
+    """By default autograd keeps no rank-space product (the backward recomputes them); with
+    save_intermediates=True it keeps tmat and smat. Both give the reference's gradients."""
+    T, a1, a2, b1, b2, r = factors
+    x = torch.randn(5, a2 * b2, requires_grad=True)
+    A, U, V = (t.requires_grad_() for t in make_factors(*factors, dtype=torch.float32))
+    saved = []
+    with elr_ext.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                                                 lambda t: t):
+        y = elr_ext.kron_lora_linear(x, A, U, V, save_intermediates=saves)
+    rank_space = [t for t in saved if t.dim() == 3 and t.shape[-1] == T * r and t.shape[1] in (a1, a2)]
+    assert len(rank_space) == 2 and all(t.shape[0] == (5 if saves else 0) for t in rank_space)
+    grads = torch.autograd.grad(y.square().sum(), (x, A, U, V))
+    ref = [x.detach().double().requires_grad_()] + [t.detach().double().requires_grad_() for t in (A, U, V)]
+    ref_grads = torch.autograd.grad(dense_reference(*ref, None, None, 1.0).square().sum(), ref)
+    for g, g64 in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
     layer = KronLoRALinear(torch.nn.Linear(24, 20), terms=2, rank=3)
