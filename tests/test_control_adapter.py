@@ -10,6 +10,7 @@ from torch import nn
 
 pytest.importorskip("diffusers")
 
+import elr_ext  # noqa: E402
 from elr_ext import tiny  # noqa: E402
 from elr_ext.nn.control_adapter import FDNResnetBlock, LocalControlAdapter  # noqa: E402
 from elr_ext.nn.kron_lora import factorization  # noqa: E402
@@ -26,10 +27,9 @@ def unet():
 
 @pytest.fixture(scope="module")
 def decomposed_unet():
-    decompose = pytest.importorskip("elr_ext.decompose", reason="elr_ext.decompose has not landed").decompose
     torch.manual_seed(1)
     unet = tiny.tiny_unet().requires_grad_(False)
-    decompose(unet, rank_ratio=1 / 3)
+    elr_ext.decompose(unet, rank_ratio=1 / 3)
     return unet
 
 
@@ -195,9 +195,7 @@ def test_merge_kron_for_inference(unet, tmp_path):
 @pytest.mark.parametrize("mode", ["kron", "full"])
 def test_decomposed_backbone(decomposed_unet, tmp_path, mode):
     unet = decomposed_unet
-    from elr_ext.nn.lowrank import LowRankConv2d, LowRankLinear
-
-    lowrank = (LowRankLinear, LowRankConv2d)
+    lowrank = (elr_ext.nn.LowRankLinear, elr_ext.nn.LowRankConv2d)
     adapter = LocalControlAdapter.from_unet(unet, condition_channels=CHANNELS, adapter=mode, terms=TERMS, rank=RANK)
     x = inputs()
     down, mid = adapter(**x)
