@@ -13,7 +13,7 @@ latent_factor must be the VAE's downsampling factor.
 from __future__ import annotations
 
 import inspect
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
@@ -23,10 +23,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..nn.control_adapter import LocalControlAdapter
 
-ConditionInput = Union[torch.Tensor, np.ndarray, "PIL.Image.Image"]  # noqa: F821
-
-
-def condition_to_tensor(condition: ConditionInput) -> torch.Tensor:
+def condition_to_tensor(condition) -> torch.Tensor:
     """One condition map as a float tensor [N, C, H, W] with values in [0, 1]: a tensor [C, H, W] or
     [N, C, H, W] is taken as it is; a PIL image or a uint8 / float array [H, W], [H, W, C] or
     [N, H, W, C] is converted (uint8 divided by 255)."""
