@@ -258,9 +258,9 @@ class LocalControlAdapter(ModelMixin, ConfigMixin):
                   latent_factor: int = 1, feature_channels: Optional[Sequence[int]] = None,
                   extractor_channels: Sequence[int] = (32, 64, 128)) -> "LocalControlAdapter":
         """The adapter for `unet` (dense or decomposed by elr_ext.decompose), its copy initialised
-        from unet's weights. unet itself is not changed. The copy keeps unet's device and dtype; the
-        new parts (FDN convs, feature extractor, zero convs, Kronecker factors) are created on the
-        default device: move the adapter with .to() as a whole."""
+        from unet's weights. unet itself is not changed. The copy and its Kronecker factors keep
+        unet's device and dtype; the FDN convs, feature extractor and zero convs are created on the
+        default device in the default dtype: move the adapter with .to() as a whole."""
         return cls(unet_config=_unet_config(unet.config), condition_channels=condition_channels, adapter=adapter,
                    terms=terms, rank=rank, alpha=alpha, latent_factor=latent_factor,
                    feature_channels=feature_channels, extractor_channels=extractor_channels,
