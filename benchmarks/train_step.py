@@ -58,7 +58,10 @@ import harness  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
 import elr_ext  # noqa: E402
+from elr_training.config import PRESETS  # noqa: E402
 from elr_training.data.conditions import condition_channels  # noqa: E402  (the training app's channel counts)
+
+STAGE1_RANK_RATIO = PRESETS["paper"][1]["rank_ratio"]  # the decomposition train.py's Stage I makes by default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +103,7 @@ class StepConfig:
     text_tokens: int = 77
     terms: int = 4
     rank: int = 8
-    rank_ratio: float = 0.25  # elr_ext.decompose: rank = rank_ratio * min(out, in) per layer
+    rank_ratio: float = STAGE1_RANK_RATIO  # elr_ext.decompose: rank = rank_ratio * min(out, in) per layer
     lr: float = 1e-5
 
     @property
@@ -223,6 +226,9 @@ def _unet_config(cfg: StepConfig):
 def child(cfg: StepConfig, arm_name: str, job: str, device: torch.device, autocast_dtype, warmup: int,
           steps: int) -> dict:
     arm = ARMS[arm_name]
+    if job == "params":  # exact counts only: no step, no warm-up
+        unet, adapter, _ = build_arm(cfg, arm, device)
+        return {"arm": arm_name, "job": job, **parameter_counts(unet, adapter)}
     # Warm the process up with the same arm on the tiny config: the lazy imports and the first-call
     # initialisations (autograd engine, kernels, allocator pools) cost the same in every arm and are
     # not training memory; they must happen before the RSS the peak is measured against.
@@ -271,11 +277,15 @@ def child(cfg: StepConfig, arm_name: str, job: str, device: torch.device, autoca
         peak, _ = harness.process_memory_bytes()
         out["peak_memory_bytes"] = peak - before
         out["peak_total_bytes"] = peak
-    out["trainable_params"] = count_unique(adapter.trainable_parameters())
-    out["adapter_params"] = count_unique(adapter.parameters())
-    out["backbone_params"] = count_unique(unet.parameters())
-    out["total_params"] = count_unique(list(unet.parameters()) + list(adapter.parameters()))
+    out.update(parameter_counts(unet, adapter))
     return out
+
+
+def parameter_counts(unet, adapter) -> dict:
+    return {"trainable_params": count_unique(adapter.trainable_parameters()),
+            "adapter_params": count_unique(adapter.parameters()),
+            "backbone_params": count_unique(unet.parameters()),
+            "total_params": count_unique(list(unet.parameters()) + list(adapter.parameters()))}
 
 
 def _child_args(args, arm: str, job: str, batch: int) -> List[str]:
@@ -310,11 +320,11 @@ def time_fresh(args, arms: List[str], batch: int, rounds: int) -> dict:
     return {a: statistics.median(v) for a, v in per_arm.items() if v}
 
 
-def measure_memory(args, arms: List[str], batch: int, jobs: int) -> dict:
-    """Peak memory and parameter counts, one fresh process per arm (processes may run side by side:
-    a process's peak RSS is its own)."""
+def measure_memory(args, arms: List[str], batch: int, jobs: int, job: str = "memory") -> dict:
+    """Peak memory and parameter counts (job "params": the counts alone), one fresh process per arm
+    (processes may run side by side: a process's peak RSS is its own)."""
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        results = list(pool.map(lambda a: harness.run_fresh(_child_args(args, a, "memory", batch), memory=True), arms))
+        results = list(pool.map(lambda a: harness.run_fresh(_child_args(args, a, job, batch), memory=True), arms))
     return {a: r for a, r in zip(arms, results)}
 
 
@@ -413,8 +423,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-jobs", type=int, default=1, help="memory processes run side by side")
     p.add_argument("--terms", type=int, default=4)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--rank-ratio", type=float, default=0.25)
+    p.add_argument("--rank-ratio", type=float, default=STAGE1_RANK_RATIO, help="decompose's rank ratio (train.py's "
+                   "Stage I default)")
     p.add_argument("--no-timing", action="store_true", help="parameters and memory only (timing needs an idle machine)")
+    p.add_argument("--params-only", action="store_true", help="exact parameter counts only (no step is run)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few steps: a smoke run")
     p.add_argument("--out-dir", default=harness.RESULTS_DIR)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -455,9 +467,9 @@ def main(argv=None) -> List[dict]:
         cfg = StepConfig(args.config, batch, args.latent, tuple(args.conditions), terms=args.terms, rank=args.rank,
                          rank_ratio=args.rank_ratio)
         print(f"== {cfg.describe()}", flush=True)
-        memory = measure_memory(args, args.arms, batch, args.memory_jobs)
+        memory = measure_memory(args, args.arms, batch, args.memory_jobs, "params" if args.params_only else "memory")
         times = {}
-        if not args.no_timing:
+        if not (args.no_timing or args.params_only):
             if args.timing == "interleaved":
                 times = time_interleaved(cfg, args.arms, device, autocast_dtype, args.repeats)
             else:
@@ -477,10 +489,10 @@ def main(argv=None) -> List[dict]:
             + (" (reduced from 512 px to fit this machine's memory)" if cfg.name == "sd21" and device.type == "cpu"
                else ""),
             "device": harness.device_name(device), "device_type": device.type, "precision": precision,
-            "timing": "not measured" if args.no_timing else
+            "timing": "not measured" if args.no_timing or args.params_only else
             (f"{args.timing}, median of {args.repeats} steps" + (f" x {args.rounds} rounds" if args.timing == "fresh"
                                                                   else "") + f" after {args.warmup} warm-up"),
-            "memory": "GPU max_memory_allocated" if device.type == "cuda" else
+            "memory": "not measured" if args.params_only else "GPU max_memory_allocated" if device.type == "cuda" else
             "peak RSS over the measured steps minus RSS before the build, fresh process per arm",
             "torch": torch.__version__, "python": platform.python_version(),
             "elr_ext_backends": elr_ext.available_backends(device.type),
@@ -490,7 +502,7 @@ def main(argv=None) -> List[dict]:
         print(table, flush=True)
         os.makedirs(args.out_dir, exist_ok=True)
         stem = os.path.join(args.out_dir, f"train_step_{device.type}_{args.config}_b{batch}_s{args.latent}"
-                            + ("_quick" if args.quick else ""))
+                            + ("_quick" if args.quick else "") + ("_params" if args.params_only else ""))
         for suffix, text in ((".json", json.dumps(result, indent=1)), (".txt", table + "\n")):
             with open(stem + suffix + ".tmp", "w") as f:
                 f.write(text)
