@@ -43,8 +43,10 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
@@ -159,15 +161,43 @@ def count_unique(parameters) -> int:
     return total
 
 
-def build_arm(cfg: StepConfig, arm: Arm, device: torch.device):
-    """(unet, adapter, optimizer) of one arm, weights fp32 on `device`, seeded identically."""
-    from elr_ext.nn.control_adapter import LocalControlAdapter
-
+def save_backbones(cfg: StepConfig, decomposed: bool, folder: str) -> None:
+    """Build the dense backbone (and its decomposition) once and save them under `folder`: every
+    fresh process then loads them instead of initialising 865M weights and running an SVD per
+    layer again (minutes at SD 2.1's shapes), and all arms share exactly the same weights."""
     torch.manual_seed(0)
     unet = build_unet(cfg)
-    if arm.decomposed:
+    unet.save_pretrained(os.path.join(folder, "dense"), safe_serialization=True)
+    if decomposed:
         elr_ext.decompose(unet, rank_ratio=cfg.rank_ratio)
+        elr_ext.save_decomposed(unet, os.path.join(folder, "decomposed"))
+    del unet
+    gc.collect()
+
+
+def load_backbone(cfg: StepConfig, decomposed: bool, folder: Optional[str]) -> nn.Module:
+    """The backbone saved by save_backbones, or built here (seeded) without a folder."""
+    if folder is None:
+        torch.manual_seed(0)
+        unet = build_unet(cfg)
+        if decomposed:
+            elr_ext.decompose(unet, rank_ratio=cfg.rank_ratio)
+        return unet
+    if decomposed:
+        return elr_ext.load_decomposed(None, os.path.join(folder, "decomposed"))
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(os.path.join(folder, "dense"))
+
+
+def build_arm(cfg: StepConfig, arm: Arm, device: torch.device, backbones: Optional[str] = None):
+    """(unet, adapter, optimizer) of one arm, weights fp32 on `device`, the same backbone weights in
+    every arm (`backbones`: the folder save_backbones wrote)."""
+    from elr_ext.nn.control_adapter import LocalControlAdapter
+
+    unet = load_backbone(cfg, arm.decomposed, backbones)
     unet.requires_grad_(False)
+    torch.manual_seed(0)  # the adapter's new parts
     adapter = LocalControlAdapter.from_unet(unet, condition_channels=cfg.condition_channel_list, adapter=arm.adapter,
                                             terms=cfg.terms, rank=cfg.rank, latent_factor=cfg.condition_scale)
     if set_fdn_mode(adapter, arm.fused_fdn) == 0:
@@ -224,10 +254,10 @@ def _unet_config(cfg: StepConfig):
 
 
 def child(cfg: StepConfig, arm_name: str, job: str, device: torch.device, autocast_dtype, warmup: int,
-          steps: int) -> dict:
+          steps: int, backbones: Optional[str]) -> dict:
     arm = ARMS[arm_name]
     if job == "params":  # exact counts only: no step, no warm-up
-        unet, adapter, _ = build_arm(cfg, arm, device)
+        unet, adapter, _ = build_arm(cfg, arm, device, backbones)
         return {"arm": arm_name, "job": job, **parameter_counts(unet, adapter)}
     # Warm the process up with the same arm on the tiny config: the lazy imports and the first-call
     # initialisations (autograd engine, kernels, allocator pools) cost the same in every arm and are
@@ -243,7 +273,7 @@ def child(cfg: StepConfig, arm_name: str, job: str, device: torch.device, autoca
         before = torch.cuda.memory_allocated(device)
     else:
         before = harness.process_memory_bytes()[1]
-    unet, adapter, optimizer = build_arm(cfg, arm, device)
+    unet, adapter, optimizer = build_arm(cfg, arm, device, backbones)
     step = make_step(unet, adapter, optimizer, inputs, autocast_dtype)
     for _ in range(warmup):  # the first step also allocates the optimizer's states
         step()
@@ -289,7 +319,8 @@ def parameter_counts(unet, adapter) -> dict:
 
 
 def _child_args(args, arm: str, job: str, batch: int) -> List[str]:
-    return [os.path.abspath(__file__), "--child", arm, "--job", job, "--config", args.config, "--batch", str(batch),
+    return [os.path.abspath(__file__), "--child", arm, "--job", job, "--backbones", args.backbones,
+            "--config", args.config, "--batch", str(batch),
             "--latent", str(args.latent), "--device", args.device, "--warmup", str(args.warmup),
             "--steps", str(args.steps), "--conditions", ",".join(args.conditions), "--rank", str(args.rank),
             "--terms", str(args.terms), "--rank-ratio", str(args.rank_ratio)] + \
@@ -300,11 +331,12 @@ def _child_args(args, arm: str, job: str, batch: int) -> List[str]:
 # The parent: every arm, ratios, targets, files
 
 
-def time_interleaved(cfg: StepConfig, arms: List[str], device, autocast_dtype, repeats: int) -> dict:
+def time_interleaved(cfg: StepConfig, arms: List[str], device, autocast_dtype, repeats: int,
+                     backbones: str) -> dict:
     """All arms in this process, timed A B C ... A B C ... by the harness (median of `repeats`)."""
     fns = {}
     for name in arms:
-        unet, adapter, optimizer = build_arm(cfg, ARMS[name], device)
+        unet, adapter, optimizer = build_arm(cfg, ARMS[name], device, backbones)
         fns[name] = make_step(unet, adapter, optimizer, make_inputs(cfg, unet.config, device), autocast_dtype)
     return harness.time_arms(fns, device, repeats=repeats, min_sample_s=0.0)
 
@@ -431,6 +463,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=harness.RESULTS_DIR)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--backbones", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     if args.quick:
@@ -458,59 +491,68 @@ def main(argv=None) -> List[dict]:
     if args.child:  # one arm in this fresh process
         cfg = StepConfig(args.config, args.batch[0], args.latent, tuple(args.conditions), terms=args.terms,
                          rank=args.rank, rank_ratio=args.rank_ratio)
-        print(json.dumps(child(cfg, args.child, args.job, device, autocast_dtype, args.warmup, args.steps)))
+        print(json.dumps(child(cfg, args.child, args.job, device, autocast_dtype, args.warmup, args.steps,
+                               args.backbones)))
         return []
 
     print("train_step settings: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("child", "job")))
-    results = []
-    for batch in args.batch:
-        cfg = StepConfig(args.config, batch, args.latent, tuple(args.conditions), terms=args.terms, rank=args.rank,
-                         rank_ratio=args.rank_ratio)
-        print(f"== {cfg.describe()}", flush=True)
-        memory = measure_memory(args, args.arms, batch, args.memory_jobs, "params" if args.params_only else "memory")
-        times = {}
-        if not (args.no_timing or args.params_only):
-            if args.timing == "interleaved":
-                times = time_interleaved(cfg, args.arms, device, autocast_dtype, args.repeats)
-            else:
-                times = time_fresh(args, args.arms, batch, args.rounds)
-        rows = []
-        for arm in args.arms:
-            mem = memory.get(arm) or {}
-            rows.append({"arm": arm, "description": ARMS[arm].label, **dataclasses.asdict(ARMS[arm]),
-                         "trainable_params": mem.get("trainable_params"), "total_params": mem.get("total_params"),
-                         "adapter_params": mem.get("adapter_params"), "backbone_params": mem.get("backbone_params"),
-                         "peak_memory_bytes": mem.get("peak_memory_bytes"),
-                         "peak_total_bytes": mem.get("peak_total_bytes"),
-                         "seconds_per_iteration": times.get(arm)})
-        summarise(rows)
-        result = {
-            "benchmark": "train_step", "config": dataclasses.asdict(cfg), "config_description": cfg.describe()
-            + (" (reduced from 512 px to fit this machine's memory)" if cfg.name == "sd21" and device.type == "cpu"
-               else ""),
-            "device": harness.device_name(device), "device_type": device.type, "precision": precision,
-            "timing": "not measured" if args.no_timing or args.params_only else
-            (f"{args.timing}, median of {args.repeats} steps" + (f" x {args.rounds} rounds" if args.timing == "fresh"
-                                                                  else "") + f" after {args.warmup} warm-up"),
-            "memory": "not measured" if args.params_only else "GPU max_memory_allocated" if device.type == "cuda" else
-            "peak RSS over the measured steps minus RSS before the build, fresh process per arm",
-            "torch": torch.__version__, "python": platform.python_version(),
-            "elr_ext_backends": elr_ext.available_backends(device.type),
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick, "rows": rows,
-        }
-        table = format_table(result)
-        print(table, flush=True)
-        os.makedirs(args.out_dir, exist_ok=True)
-        stem = os.path.join(args.out_dir, f"train_step_{device.type}_{args.config}_b{batch}_s{args.latent}"
-                            + ("_quick" if args.quick else "") + ("_params" if args.params_only else ""))
-        for suffix, text in ((".json", json.dumps(result, indent=1)), (".txt", table + "\n")):
-            with open(stem + suffix + ".tmp", "w") as f:
-                f.write(text)
-            os.replace(stem + suffix + ".tmp", stem + suffix)
-        plot(result, stem + ".png")
-        print(f"wrote {stem}.json, .txt and .png")
-        results.append(result)
-    return results
+    configs = [StepConfig(args.config, batch, args.latent, tuple(args.conditions), terms=args.terms, rank=args.rank,
+                          rank_ratio=args.rank_ratio) for batch in args.batch]
+    args.backbones = tempfile.mkdtemp(prefix="train_step_backbones_")
+    try:  # the backbones do not depend on the batch: built once for all batch sizes
+        save_backbones(configs[0], any(ARMS[a].decomposed for a in args.arms), args.backbones)
+        return [run_config(args, cfg, device, autocast_dtype, precision) for cfg in configs]
+    finally:
+        shutil.rmtree(args.backbones, ignore_errors=True)
+
+
+def run_config(args, cfg: StepConfig, device, autocast_dtype, precision: str) -> dict:
+    """Every arm at one configuration: counts and memory (fresh processes), timing, files."""
+    batch = cfg.batch
+    print(f"== {cfg.describe()}", flush=True)
+    memory = measure_memory(args, args.arms, batch, args.memory_jobs, "params" if args.params_only else "memory")
+    times = {}
+    if not (args.no_timing or args.params_only):
+        if args.timing == "interleaved":
+            times = time_interleaved(cfg, args.arms, device, autocast_dtype, args.repeats, args.backbones)
+        else:
+            times = time_fresh(args, args.arms, batch, args.rounds)
+    rows = []
+    for arm in args.arms:
+        mem = memory.get(arm) or {}
+        rows.append({"arm": arm, "description": ARMS[arm].label, **dataclasses.asdict(ARMS[arm]),
+                     "trainable_params": mem.get("trainable_params"), "total_params": mem.get("total_params"),
+                     "adapter_params": mem.get("adapter_params"), "backbone_params": mem.get("backbone_params"),
+                     "peak_memory_bytes": mem.get("peak_memory_bytes"),
+                     "peak_total_bytes": mem.get("peak_total_bytes"),
+                     "seconds_per_iteration": times.get(arm)})
+    summarise(rows)
+    result = {
+        "benchmark": "train_step", "config": dataclasses.asdict(cfg), "config_description": cfg.describe()
+        + (" (reduced from 512 px to fit this machine's memory)" if cfg.name == "sd21" and device.type == "cpu"
+           else ""),
+        "device": harness.device_name(device), "device_type": device.type, "precision": precision,
+        "timing": "not measured" if args.no_timing or args.params_only else
+        (f"{args.timing}, median of {args.repeats} steps" + (f" x {args.rounds} rounds" if args.timing == "fresh"
+                                                              else "") + f" after {args.warmup} warm-up"),
+        "memory": "not measured" if args.params_only else "GPU max_memory_allocated" if device.type == "cuda" else
+        "peak RSS over the measured steps minus RSS before the build, fresh process per arm",
+        "torch": torch.__version__, "python": platform.python_version(),
+        "elr_ext_backends": elr_ext.available_backends(device.type),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick, "rows": rows,
+    }
+    table = format_table(result)
+    print(table, flush=True)
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, f"train_step_{device.type}_{args.config}_b{batch}_s{args.latent}"
+                        + ("_quick" if args.quick else "") + ("_params" if args.params_only else ""))
+    for suffix, text in ((".json", json.dumps(result, indent=1)), (".txt", table + "\n")):
+        with open(stem + suffix + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(stem + suffix + ".tmp", stem + suffix)
+    plot(result, stem + ".png")
+    print(f"wrote {stem}.json, .txt and .png")
+    return result
 
 
 if __name__ == "__main__":
