@@ -89,8 +89,15 @@ def choose_archs(nvcc, cuda_version):
 def cuda_library_include_dirs():
     """Headers of the pip `nvidia` wheels (cusparse.h, cublas_v2.h ...) that torch's CUDA headers
     include but a bare toolkit may lack."""
-    purelib = sysconfig.get_paths()["purelib"]
-    return sorted(d for d in glob.glob(os.path.join(purelib, "nvidia", "cu*", "include")) if os.path.isdir(d))
+    import torch
+
+    # torch's own site-packages first: in a venv with --system-site-packages the wheels sit beside torch,
+    # not in the venv's purelib
+    roots = [os.path.dirname(os.path.dirname(torch.__file__)), sysconfig.get_paths()["purelib"]]
+    found = []
+    for root in dict.fromkeys(roots):
+        found += sorted(d for d in glob.glob(os.path.join(root, "nvidia", "cu*", "include")) if os.path.isdir(d))
+    return found
 
 
 def sources(folder, patterns):
