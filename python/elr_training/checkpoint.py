@@ -1,0 +1,151 @@
+"""Training checkpoints: written whole or not at all, read back without unpickling code.
+
+A checkpoint is a folder checkpoints/checkpoint-<step>/ holding
+
+    model.safetensors        the trained weights (what the stage optimises, fp32)
+    optimizer.pt             optimiser state_dict   (torch.save; read with torch.load(weights_only=True))
+    lr_scheduler.pt          lr-scheduler state_dict (same)
+    rng_state_<rank>.safetensors + rng_state_<rank>.json   torch (CPU, CUDA), numpy and python RNG of each process
+    state.json               global step, epoch, batches consumed in the epoch, skipped-data counts
+
+It is written to checkpoint-<step>.tmp first and renamed when complete (a rename within one folder
+is atomic), so a crash leaves either the previous checkpoints or a .tmp folder that is ignored and
+removed by the next save, never a half checkpoint that --resume would pick.
+
+With DeepSpeed the optimiser state is partitioned over processes; there accelerate's save_state /
+load_state writes and reads the partitions (DeepSpeed's own format) inside the same atomic folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(folder: str) -> list:
+    """Complete checkpoints in `folder`, oldest first (.tmp folders are not checkpoints)."""
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := CHECKPOINT_PATTERN.match(name))]
+    return [os.path.join(folder, name) for _, name in sorted(found)]
+
+
+def find_checkpoint(spec: str, folder: str) -> Optional[str]:
+    """--resume-from-checkpoint: 'latest' (None when there is none yet) or an explicit folder."""
+    if spec == "latest":
+        found = list_checkpoints(folder)
+        return found[-1] if found else None
+    if not os.path.isfile(os.path.join(spec, "state.json")):
+        raise FileNotFoundError(f"--resume-from-checkpoint {spec}: not a checkpoint (no state.json in it)")
+    return spec
+
+
+def trained_state(model: torch.nn.Module, names: list) -> dict:
+    """The named trained parameters as contiguous fp32 CPU tensors (safetensors refuses shared storage)."""
+    params = dict(model.named_parameters())
+    return {name: params[name].detach().float().cpu().contiguous().clone() for name in names}
+
+
+def save_checkpoint(accelerator, folder: str, step: int, model, trained_names: list, optimizer, lr_scheduler,
+                    state: dict, total_limit: Optional[int] = None) -> str:
+    """Every process calls this (each saves its RNG); the main process writes the rest and renames."""
+    final = os.path.join(folder, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):  # what an interrupted save left behind
+            if name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+
+    _save_rng(tmp, accelerator.process_index)
+    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
+    if deepspeed:
+        accelerator.save_state(os.path.join(tmp, "deepspeed"))
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_file(trained_state(unwrapped, trained_names), os.path.join(tmp, "model.safetensors"))
+        if not deepspeed:
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({**state, "global_step": step, "num_processes": accelerator.num_processes}, f, indent=2)
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        if os.path.isdir(final):  # the same step saved again (e.g. a re-run): replace it
+            shutil.move(final, final + ".old.tmp")
+        os.replace(tmp, final)
+        shutil.rmtree(final + ".old.tmp", ignore_errors=True)
+        if total_limit is not None and total_limit > 0:
+            for old in list_checkpoints(folder)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: str, model, optimizer, lr_scheduler) -> dict:
+    """Restores weights, optimiser, lr scheduler and this process's RNG; returns state.json."""
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    if state.get("num_processes", 1) != accelerator.num_processes:
+        accelerator.print(f"note: {path} was written by {state.get('num_processes')} process(es), resuming with "
+                          f"{accelerator.num_processes}: the data order after this point differs from an unbroken run")
+    unwrapped = accelerator.unwrap_model(model)
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    params = dict(unwrapped.named_parameters())
+    missing = sorted(set(weights) - set(params))
+    if missing:
+        raise ValueError(f"checkpoint {path} holds parameters this model does not have: {missing[:5]} ...")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].dtype))
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        accelerator.load_state(os.path.join(path, "deepspeed"))
+    else:
+        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu"))
+    lr_scheduler.load_state_dict(torch.load(os.path.join(path, "lr_scheduler.pt"), weights_only=True))
+    _load_rng(path, accelerator.process_index)
+    return state
+
+
+def _save_rng(folder: str, rank: int) -> None:
+    tensors = {"torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = s
+    save_file(tensors, os.path.join(folder, f"rng_state_{rank}.safetensors"))
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    with open(os.path.join(folder, f"rng_state_{rank}.json"), "w") as f:
+        json.dump({"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                   "python": [py_state[0], list(py_state[1]), py_state[2]]}, f)
+
+
+def _load_rng(folder: str, rank: int) -> None:
+    path = os.path.join(folder, f"rng_state_{rank}.safetensors")
+    if not os.path.isfile(path):  # resumed with more processes than saved: the new ones keep their seed
+        return
+    tensors = load_file(path)
+    torch.random.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [tensors[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in tensors]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    with open(os.path.join(folder, f"rng_state_{rank}.json")) as f:
+        saved = json.load(f)
+    kind, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))

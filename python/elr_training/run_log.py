@@ -1,0 +1,106 @@
+"""What a run leaves to read: a TensorBoard log (logs/), the loss curves as PNG and metrics.json.
+Only the main process writes; the others get a RunLog that records nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import numpy as np
+
+
+class RunLog:
+    def __init__(self, output_dir: str, enabled: bool = True):
+        self.output_dir, self.enabled = output_dir, enabled
+        self.history: Dict[str, List[tuple]] = defaultdict(list)
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(output_dir, "logs"))
+
+    def scalars(self, values: Dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self.history[name].append((step, float(value)))
+            self.writer.add_scalar(name, value, step)
+
+    def image(self, name: str, image: np.ndarray, step: int) -> None:
+        """uint8 [H, W, 3]."""
+        if self.enabled:
+            self.writer.add_image(name, image, step, dataformats="HWC")
+
+    def text(self, name: str, text: str) -> None:
+        if self.enabled:
+            self.writer.add_text(name, text.replace("\n", "  \n"), 0)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+
+    def save_loss_curves(self, path: Optional[str] = None, prefix: str = "train/") -> Optional[str]:
+        """All scalars under `prefix` with 'loss' in their name, one panel each, raw and smoothed."""
+        if not self.enabled:
+            return None
+        curves = {k: v for k, v in self.history.items() if k.startswith(prefix) and "loss" in k}
+        path = path or os.path.join(self.output_dir, "loss_curves.png")
+        plot_curves(curves, path)
+        return path
+
+
+def plot_curves(curves: Dict[str, List[tuple]], path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    n = max(len(curves), 1)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.2), squeeze=False)
+    for ax, (name, points) in zip(axes[0], sorted(curves.items())):
+        steps, values = zip(*points) if points else ((), ())
+        ax.plot(steps, values, lw=0.8, alpha=0.45, label="per step")
+        if len(values) >= 5:
+            window = max(len(values) // 20, 5)
+            kernel = np.ones(window) / window
+            smooth = np.convolve(values, kernel, mode="valid")
+            ax.plot(steps[window - 1:], smooth, lw=1.8, label=f"mean of {window}")
+        ax.set_title(name)
+        ax.set_xlabel("optimiser step")
+        positive = [v for v in values if v > 0]
+        if positive and max(positive) / min(positive) > 30:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_json(path: str, values: dict) -> None:
+    """JSON with NaN written as null (strict JSON), atomically."""
+    def clean(v):
+        if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, np.generic):
+            return clean(v.item())
+        return v
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(clean(values), f, indent=2)
+    os.replace(tmp, path)
