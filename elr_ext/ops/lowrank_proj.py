@@ -90,12 +90,12 @@ def _backward_native(grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups,
 
 def _backward_torch(grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups, needs_biases):
     dx, ddowns, dups, dbiases = reference.lowrank_proj_backward(grad_ys, x, h, downs, ups)
-    absent = _empty_like_absent(x)
+    # a fresh empty tensor per absent entry: custom op outputs may not alias one another
     return (
-        dx.contiguous() if needs_x else absent,
-        torch.cat(ddowns) if needs_downs else absent,
-        [g.contiguous() if need else absent for g, need in zip(dups, needs_ups)],
-        [g.contiguous() if need else absent for g, need in zip(dbiases, needs_biases)],
+        dx.contiguous() if needs_x else _empty_like_absent(x),
+        torch.cat(ddowns) if needs_downs else _empty_like_absent(x),
+        [g.contiguous() if need else _empty_like_absent(x) for g, need in zip(dups, needs_ups)],
+        [g.contiguous() if need else _empty_like_absent(x) for g, need in zip(dbiases, needs_biases)],
     )
 
 
@@ -116,12 +116,11 @@ def lowrank_proj_backward(
 
 @lowrank_proj_backward.register_fake
 def _(grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups, needs_biases):
-    absent = _empty_like_absent(x)
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format) if needs_x else absent,
-        x.new_empty((h.shape[1], x.shape[1])) if needs_downs else absent,
-        [torch.empty_like(A) if need else absent for A, need in zip(ups, needs_ups)],
-        [x.new_empty((A.shape[0],)) if need else absent for A, need in zip(ups, needs_biases)],
+        torch.empty_like(x, memory_format=torch.contiguous_format) if needs_x else _empty_like_absent(x),
+        x.new_empty((h.shape[1], x.shape[1])) if needs_downs else _empty_like_absent(x),
+        [torch.empty_like(A) if need else _empty_like_absent(x) for A, need in zip(ups, needs_ups)],
+        [x.new_empty((A.shape[0],)) if need else _empty_like_absent(x) for A, need in zip(ups, needs_biases)],
     )
 
 
