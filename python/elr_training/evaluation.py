@@ -523,7 +523,20 @@ def format_value(metric, digits: int = 3) -> str:
 
 
 def _count(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+    return f"{n / 1e6:.2f}M" if abs(n) >= 1e6 else f"{n / 1e3:.1f}K" if abs(n) >= 1e3 else str(n)
+
+
+def _reasons(columns: Dict[str, dict], keys: Sequence[str]) -> List[str]:
+    """Footnotes: why each n/a cell is unavailable (one line per distinct metric and reason)."""
+    notes: Dict[str, List[str]] = {}  # reason -> metrics
+    for metrics in columns.values():
+        for key in keys:
+            m = metrics.get(key)
+            if isinstance(m, dict) and not m.get("available", True):
+                named = notes.setdefault(m.get("reason", ""), [])
+                if key not in named:
+                    named.append(key)
+    return [f"- n/a {', '.join(keys)}: {reason}" for reason, keys in notes.items()]
 
 
 # (section, label, key, lower_is_better) as in the paper's Table 2; Table 3 is the same rows with
@@ -576,7 +589,8 @@ def table2_markdown(columns: Dict[str, dict], delta: Optional[tuple] = None, tit
             else:
                 cells.append("-")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = _reasons(columns, [row[2] for row in keys])
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def table1_markdown(rows: Dict[str, dict], title: str = "") -> str:
@@ -586,4 +600,5 @@ def table1_markdown(rows: Dict[str, dict], title: str = "") -> str:
     for name, metrics in rows.items():
         lines.append(f"| {name} | {format_value(metrics.get('fid'))} | {format_value(metrics.get('clip_score'))} | "
                      f"{format_value(metrics.get('total_params'))} | {format_value(metrics.get('denoising_mse'), 4)} |")
-    return "\n".join(lines) + "\n"
+    notes = _reasons(rows, ["fid", "clip_score", "denoising_mse"])
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
