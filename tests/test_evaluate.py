@@ -210,3 +210,22 @@ def test_evaluate_run_and_checkpoint(stage2_run, tmp_path):
     assert again["model"]["checkpoint"] == str(checkpoint)
     assert again["metrics"]["edge_nmse"]["value"] == result["metrics"]["edge_nmse"]["value"]
     assert again["metrics"]["segmentation_iou"]["value"] == result["metrics"]["segmentation_iou"]["value"]
+
+
+def test_controllability_verdicts():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import controllability
+
+    def column(nmse, iou):
+        return {"edge_nmse": evaluation.measured(nmse), "segmentation_iou": evaluation.measured(iou)}
+
+    names = ("no control", "Uni-ControlNet-style (full)", "ELR Stage II (kron)")
+    good = controllability.verdicts(dict(zip(names, (column(1.0, 0.3), column(0.5, 0.7), column(0.54, 0.66)))))
+    assert good["edge_nmse"]["met"] and good["segmentation_iou"]["met"]
+    worse = controllability.verdicts(dict(zip(names, (column(1.0, 0.3), column(0.5, 0.7), column(0.6, 0.6)))))
+    assert not worse["edge_nmse"]["within_10pct_of_baseline"] and not worse["segmentation_iou"]["met"]
+    useless = controllability.verdicts(dict(zip(names, (column(1.0, 0.3), column(0.95, 0.32), column(0.96, 0.31)))))
+    assert useless["edge_nmse"]["within_10pct_of_baseline"] and not useless["edge_nmse"]["met"]
+    missing = controllability.verdicts({n: {"edge_nmse": evaluation.unavailable("x"),
+                                            "segmentation_iou": evaluation.unavailable("x")} for n in names})
+    assert missing["edge_nmse"]["met"] is None
