@@ -22,7 +22,9 @@ struct LowRankShape {
   int64_t K() const { return static_cast<int64_t>(ranks.size()); }
 };
 
-inline std::string lowrank_item(const char* list, size_t j) { return std::string(list) + "[" + std::to_string(j) + "]"; }
+inline std::string lowrank_item(const char* list, size_t j) {
+  return std::string(list) + "[" + std::to_string(j) + "]";
+}
 
 // `t` (argument `name`) has the dtype and device of x.
 inline void lowrank_check_like_x(const char* op, const std::string& name, const at::Tensor& t, const at::Tensor& x) {

@@ -105,7 +105,8 @@ _BACKWARD = {"cpu": _backward_native, "cuda": _backward_native, "torch": _backwa
 @torch.library.custom_op("elr_ext::lowrank_proj_backward", mutates_args=())
 def lowrank_proj_backward(
     grad_ys: list[torch.Tensor], x: torch.Tensor, h: torch.Tensor, downs: list[torch.Tensor],
-    ups: list[torch.Tensor], needs_x: bool, needs_downs: bool, needs_ups: list[bool], needs_biases: list[bool],
+    ups: list[torch.Tensor], needs_x: bool, needs_downs: bool, needs_ups: list[bool],
+    needs_biases: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """-> (dx [M, in], dB [R, in] (the downs' gradients stacked), [dA_j], [db_j]); empty where not needed."""
     backend = _backend("lowrank_proj_backward", x.device)
@@ -141,7 +142,8 @@ def _backward(ctx, grad_ys, needs_x, needs_downs, needs_ups, needs_biases):
     need_down = any(needs_downs)
     if not (needs_x or need_down or any(needs_ups) or any(needs_biases)):
         return None, [None] * K, [None] * K, [None] * K
-    args = (list(grad_ys), x, h, list(downs), list(ups), bool(needs_x), need_down, list(needs_ups), needs_biases)
+    args = (list(grad_ys), x, h, list(downs), list(ups), bool(needs_x), need_down, list(needs_ups),
+            needs_biases)
     if _traced(x):  # the custom op, which has a fake kernel
         dx, ddown, dups, dbiases = lowrank_proj_backward(*args)
     else:  # eager: straight to the backend
@@ -175,12 +177,13 @@ torch.library.register_autograd(
 
 class _LowRankProjEager(torch.autograd.Function):
     """The eager path: the backend called directly inside an autograd.Function, with the same saved
-    tensors and backward as the custom op. Inputs are flattened: (x, K, *downs, *ups, *biases)."""
+    tensors and backward as the custom op. Inputs are flattened: (x, backend, K, *downs, *ups,
+    *biases), the backend chosen by the caller."""
 
     @staticmethod
-    def forward(ctx, x, K, *factors):
+    def forward(ctx, x, backend, K, *factors):
         downs, ups, biases = list(factors[:K]), list(factors[K:2 * K]), list(factors[2 * K:])
-        ys, h = _FORWARD[_backend("lowrank_proj_forward", x.device)](x, downs, ups, biases)
+        ys, h = _FORWARD[backend](x, downs, ups, biases)
         _save(ctx, x, h, downs, ups, biases)
         return tuple(ys)
 
@@ -189,9 +192,9 @@ class _LowRankProjEager(torch.autograd.Function):
         K = ctx.num_proj
         needs = ctx.needs_input_grad
         dx, ddowns, dups, dbiases = _backward(
-            ctx, grad_ys, needs[0], needs[2:2 + K], needs[2 + K:2 + 2 * K], needs[2 + 2 * K:]
+            ctx, grad_ys, needs[0], needs[3:3 + K], needs[3 + K:3 + 2 * K], needs[3 + 2 * K:]
         )
-        return (dx, None, *ddowns, *dups, *dbiases)
+        return (dx, None, None, *ddowns, *dups, *dbiases)
 
 
 # ---------------------------------------------------------------------------------- public API
@@ -217,8 +220,14 @@ def _check_inputs(x, downs, ups, biases):
     elif len(biases) != K:
         raise ValueError(f"biases must be None or a list of K={K} entries (each None or [out_j]), "
                          f"got {len(biases)} entries")
-    d_in = x.shape[-1]
+    d_in, dtype, device = x.shape[-1], x.dtype, x.device
     for j, (B, A, b) in enumerate(zip(downs, ups, biases)):
+        if (isinstance(B, torch.Tensor) and isinstance(A, torch.Tensor) and B.dim() == 2 and A.dim() == 2
+                and B.shape[1] == d_in and A.shape[1] == B.shape[0] >= 1 and A.shape[0] >= 1
+                and B.dtype == dtype and A.dtype == dtype and B.device == device and A.device == device
+                and (b is None or (isinstance(b, torch.Tensor) and b.shape == A.shape[:1] and b.dtype == dtype
+                                   and b.device == device))):
+            continue  # the common case, checked at a glance (the eager call is on the hot path)
         check_tensor(f"downs[{j}]", B, dim=2)
         check_tensor(f"ups[{j}]", A, dim=2)
         if b is not None:
@@ -229,8 +238,8 @@ def _check_inputs(x, downs, ups, biases):
             raise ValueError(f"downs[{j}] must be [r_j, in] with r_j >= 1 and in = x.shape[-1] = {d_in}, "
                              f"got {list(B.shape)}")
         if A.shape[1] != r or A.shape[0] < 1:
-            raise ValueError(f"ups[{j}] must be [out_j, r_j] with out_j >= 1 and r_j = {r}, the rank of downs[{j}] "
-                             f"{list(B.shape)}; got {list(A.shape)}")
+            raise ValueError(f"ups[{j}] must be [out_j, r_j] with out_j >= 1 and r_j = {r}, the rank of "
+                             f"downs[{j}] {list(B.shape)}; got {list(A.shape)}")
         if b is not None and b.shape[0] != A.shape[0]:
             raise ValueError(f"biases[{j}] must be [out_j] = [{A.shape[0]}] (ups[{j}] is {list(A.shape)}), "
                              f"got {list(b.shape)}")
@@ -257,11 +266,16 @@ def lowrank_proj(
     Autograd saves x and the rank-space activations h [M, sum r_j], nothing output-sized.
     """
     downs, ups, biases = _check_inputs(x, downs, ups, biases)
-    lead, d_in = x.shape[:-1], x.shape[-1]
-    x2d = x.reshape(-1, d_in)  # a view where x allows it; the kernels take any row stride
-    biases = [b if b is not None else _empty_like_absent(x) for b in biases]
+    # a view where x allows it: the kernels take any row stride
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if any(b is None for b in biases):
+        absent = _empty_like_absent(x)
+        biases = [absent if b is None else b for b in biases]
     if _traced(x):
         ys, _ = lowrank_proj_forward(x2d, downs, ups, biases)
     else:
-        ys = _LowRankProjEager.apply(x2d, len(downs), *downs, *ups, *biases)
-    return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
+        backend = _backend("lowrank_proj_forward", x.device)
+        ys = _LowRankProjEager.apply(x2d, backend, len(downs), *downs, *ups, *biases)
+    if x.dim() == 2:
+        return tuple(ys)
+    return tuple(y.reshape(*x.shape[:-1], y.shape[-1]) for y in ys)
