@@ -1,7 +1,9 @@
 """Benchmark of the fused FDN op (eq. 8) at Stable Diffusion's UNet levels at 512 px.
 
 Arms, in one process, interleaved: `eager` (group_norm, mul, add as Uni-ControlNet writes it),
-`torch.compile` of that, and `elr-ext` (elr_ext.fdn on the default backend for the device).
+`torch.compile` of that, and `elr-ext` (elr_ext.fdn on the default backend for the device); on a
+GPU also `elr-ext cuda` and `elr-ext triton` (each backend forced), whose ratio is what
+GPU_DISPATCH in elr_ext/backends.py is read from.
 gamma and beta are full size (they come from 3x3 convs of the condition features), with and without
 the fused SiLU. On a GPU it also reports the forward's effective bandwidth against the card's
 measured copy bandwidth.
@@ -28,7 +30,7 @@ QUICK_SHAPES = [(2, 64, 16, 16), (1, 128, 8, 8)]
 GROUPS = 32
 
 
-def make_case(shape, activation, device, dtype) -> harness.Case:
+def make_case(shape, activation, device, dtype, gpu_backends=()) -> harness.Case:
     def build_arms(mode):
         z, gamma, beta = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
         grad_out = torch.randn(shape, device=device, dtype=dtype)
@@ -49,7 +51,10 @@ def make_case(shape, activation, device, dtype) -> harness.Case:
 
             def arm(fn):
                 return lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out)
-        return {name: arm(fn) for name, fn in fns.items()}
+        arms = {name: arm(fn) for name, fn in fns.items()}
+        for backend in gpu_backends:  # forced for the whole call, backward included
+            arms[f"{harness.OURS} {backend}"] = elr_ext.use_backend(backend)(arm(fns[harness.OURS]))
+        return arms
 
     label = f"{list(shape)} {activation or 'none'}"
     return harness.Case(label, {"shape": list(shape), "groups": GROUPS, "activation": activation}, build_arms)
@@ -69,8 +74,12 @@ def main(argv=None):
     shapes = QUICK_SHAPES if args.quick else SD_SHAPES
     repeats = 3 if args.quick else args.repeats
     print(f"elr_ext backends on {device.type}: {elr_ext.available_backends(device.type)}")
+    gpu_backends = [b for b in ("cuda", "triton") if device.type == "cuda"
+                    and elr_ext.backends.unavailable_reason(b, "cuda") is None]
+    if "triton" not in gpu_backends:
+        print(f"triton arm skipped: {elr_ext.backends.unavailable_reason('triton', 'cuda')} (a GPU arm)")
     for dtype in harness.dtypes_for(args):
-        cases = [make_case(s, act, device, dtype) for s in shapes for act in (None, "silu")]
+        cases = [make_case(s, act, device, dtype, gpu_backends) for s in shapes for act in (None, "silu")]
         result = harness.run("fdn", cases, device, dtype, repeats=repeats, out_dir=args.out_dir,
                              tag="_quick" if args.quick else "")
         if device.type == "cuda":

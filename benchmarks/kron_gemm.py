@@ -7,6 +7,8 @@ Arms, in one process, interleaved (benchmarks/harness.py):
   eager factorised      elr_ext.reference.kron_lora_linear (the einsum chain, no dW)
   torch.compile         torch.compile of the eager factorised reference
   elr-ext               elr_ext.kron_lora_linear on the device's default backend
+  elr-ext cuda/triton   on a GPU, each backend forced (GPU_DISPATCH in elr_ext/backends.py is read
+                        from their ratio)
 The peers always include the frozen base layer, so they run only in the cases with a base weight.
 
     python benchmarks/kron_gemm.py            # a representative subset (CPU fp32; GPU fp16 + bf16)
@@ -75,7 +77,7 @@ def peer_layers(base: torch.nn.Linear, n: int, r: int):
     return layers
 
 
-def make_case(layer_shape, tokens, n, r, with_base, device, dtype) -> harness.Case:
+def make_case(layer_shape, tokens, n, r, with_base, device, dtype, gpu_backends=()) -> harness.Case:
     d_in, d_out = layer_shape
 
     def build_arms(mode):
@@ -109,7 +111,10 @@ def make_case(layer_shape, tokens, n, r, with_base, device, dtype) -> harness.Ca
                         fn(x)
                 return call
             return lambda: torch.autograd.grad(fn(x), leaves, grad)
-        return {name: arm(fn, leaves) for name, (fn, leaves) in fns.items()}
+        arms = {name: arm(fn, leaves) for name, (fn, leaves) in fns.items()}
+        for backend in gpu_backends:  # forced for the whole call, backward included
+            arms[f"{harness.OURS} {backend}"] = elr_ext.use_backend(backend)(arm(*fns[harness.OURS]))
+        return arms
 
     label = f"{d_in}->{d_out} M={tokens} n={n} r={r}{' +base' if with_base else ''}"
     params = {"d_in": d_in, "d_out": d_out, "tokens": tokens, "terms": n, "rank": r, "base": with_base}
@@ -127,8 +132,12 @@ def main(argv=None):
         grid = SUBSET
     print(f"elr_ext backends on {device.type}: {elr_ext.available_backends(device.type)}; kron_lora compiled for "
           f"{elr_ext.backends.native_implementations('kron_lora_forward')}")
+    gpu_backends = [b for b in ("cuda", "triton") if device.type == "cuda"
+                    and elr_ext.backends.unavailable_reason(b, "cuda") is None]
+    if "triton" not in gpu_backends:
+        print(f"triton arm skipped: {elr_ext.backends.unavailable_reason('triton', 'cuda')} (a GPU arm)")
     for dtype in harness.dtypes_for(args):
-        cases = [make_case(layer, m, n, r, with_base, device, dtype)
+        cases = [make_case(layer, m, n, r, with_base, device, dtype, gpu_backends)
                  for layer, m, n, r in grid for with_base in (False, True)]
         cases = [case for case in cases if not args.only or re.search(args.only, case.label)]
         harness.run("kron_gemm", cases, device, dtype, repeats=3 if args.quick else args.repeats,

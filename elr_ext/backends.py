@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import json
 import os
+import sys
 import threading
 import warnings
 from typing import Iterable, Iterator
@@ -27,6 +28,23 @@ import torch
 
 BACKENDS = ("cuda", "cpu", "triton", "torch")
 _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+
+# GPU dispatch table: which of cuda / triton an op uses, per dtype and compute capability, where
+# the _PREFERENCE order (cuda first) is not the best choice. Key (op, dtype name); value
+# {minimum capability: backend}, the highest minimum at or below the device's capability wins;
+# anything absent keeps the _PREFERENCE order. It is meant to be derived from the triton and cuda
+# arms of benchmarks/{fdn,kron_gemm,lowrank_proj}.py run side by side on each GPU; no GPU has run
+# them yet, so these entries are reasoned defaults, not measurements:
+#   - kron_lora, fp16/bf16, sm_80+: triton. Its fused kernels run the rank-space products
+#     (X V_cat^T, smat U_cat, dY U_cat^T) with tl.dot on the tensor cores; the CUDA fused kernels
+#     run them on the SIMT pipes (csrc/kernels/kron_lora.cuh), and the base GEMM is cuBLAS in both.
+#   - kron_lora fp32/fp64, fdn (memory-bound: both backends move the same bytes, and the CUDA
+#     kernels also serve sm_70), lowrank_proj (cuBLAS GEMMs on the cuda backend): cuda.
+GPU_DISPATCH = {
+    ("kron_lora", "float16"): {(8, 0): "triton"},
+    ("kron_lora", "bfloat16"): {(8, 0): "triton"},
+}
+_capability: dict = {}  # device index -> (major, minor)
 
 _state = threading.local()
 _warned: set = set()
@@ -82,15 +100,21 @@ def _triton_reason(device_type: str) -> str | None:
         importlib.import_module("triton")
     except ImportError:
         return "triton is not installed"
+    # Triton fixes interpreted or compiled when a kernel is defined (elr_ext/triton/__init__.py)
+    defined_interpreted = getattr(sys.modules.get("elr_ext.triton"), "INTERPRETED", None)
     if device_type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            return None
-        return "Triton runs on the CPU only under TRITON_INTERPRET=1"
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on the CPU only under TRITON_INTERPRET=1"
+        if defined_interpreted is False:
+            return "the Triton kernels were defined before TRITON_INTERPRET=1 was set"
+        return None
     if device_type == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device"
         if torch.cuda.get_device_capability() < (8, 0):
             return "Triton kernels need compute capability 8.0 or newer"
+        if defined_interpreted:
+            return "the Triton kernels were defined under TRITON_INTERPRET=1 (CPU tensors only)"
         return None
     return f"Triton does not run on {device_type}"
 
@@ -168,8 +192,25 @@ def use_backend(backend: str) -> Iterator[None]:
         stack.pop()
 
 
-def select(op: str, device: torch.device, implemented: Iterable[str]) -> str:
-    """The backend that runs `op` on `device`, among the backends that implement it."""
+def table_choice(op: str, device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """The GPU_DISPATCH entry for `op` on a CUDA `device` in `dtype`, or None."""
+    if device.type != "cuda" or dtype is None:
+        return None
+    entry = GPU_DISPATCH.get((op, str(dtype).replace("torch.", "")))
+    if not entry:
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capability:
+        _capability[index] = torch.cuda.get_device_capability(index)
+    fitting = [arch for arch in entry if arch <= _capability[index]]
+    return entry[max(fitting)] if fitting else None
+
+
+def select(op: str, device: torch.device, implemented: Iterable[str],
+           dtype: torch.dtype | None = None) -> str:
+    """The backend that runs `op` on `device`, among the backends that implement it: the requested
+    one, else the GPU_DISPATCH entry for `dtype` (CUDA devices), else the first available in
+    _PREFERENCE."""
     implemented = tuple(implemented)
     device_type = device.type
     requested = requested_backend()
@@ -188,6 +229,9 @@ def select(op: str, device: torch.device, implemented: Iterable[str]) -> str:
                 RuntimeWarning,
                 stacklevel=4,
             )
+    preferred = table_choice(op, device, dtype)
+    if preferred in implemented and unavailable_reason(preferred, device_type) is None:
+        return preferred
     for backend in _PREFERENCE.get(device_type, ("torch",)):
         if backend in implemented and unavailable_reason(backend, device_type) is None:
             return backend

@@ -8,7 +8,8 @@
 - autograd: fdn_forward saves z, gamma, mean, rstd (and beta only with the fused SiLU, whose
   derivative needs the pre-activation); zhat is recomputed in the backward, never stored;
 - dispatch: the backend is chosen per call by elr_ext.backends (cuda / cpu compiled kernels from
-  csrc/{cuda,cpu}/fdn.*, or the reference in elr_ext/reference.py).
+  csrc/{cuda,cpu}/fdn.*, Triton kernels from elr_ext/triton/fdn.py, or the reference in
+  elr_ext/reference.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def _layout_of(z: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _select(native_op: str, z: torch.Tensor) -> str:
+    implemented = backends.native_implementations(native_op) + ("triton", "torch")
+    return backends.select("fdn", z.device, implemented, z.dtype)
+
+
 # --------------------------------------------------------------------------- backends: forward
 def _forward_native(z, gamma, beta, num_groups, eps, activation):
     return torch.ops.elr_ext_native.fdn_forward(z, gamma, beta, num_groups, eps, _ACTIVATION_CODE[activation])
@@ -45,15 +51,21 @@ def _forward_torch(z, gamma, beta, num_groups, eps, activation):
     return out.contiguous(memory_format=_layout_of(z)), mean, rstd
 
 
-_FORWARD = {"cpu": _forward_native, "cuda": _forward_native, "torch": _forward_torch}
+def _forward_triton(z, gamma, beta, num_groups, eps, activation):
+    from ..triton import fdn as triton_fdn  # imported on first use: Triton fixes interpreted/compiled then
+
+    return triton_fdn.forward(z, gamma, beta, num_groups, eps, activation)
+
+
+_FORWARD = {"cpu": _forward_native, "cuda": _forward_native, "triton": _forward_triton,
+            "torch": _forward_torch}
 
 
 @torch.library.custom_op("elr_ext::fdn_forward", mutates_args=())
 def fdn_forward(
     z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, num_groups: int, eps: float, activation: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = backends.select("fdn", z.device, backends.native_implementations("fdn_forward") + ("torch",))
-    return _FORWARD[backend](z, gamma, beta, num_groups, eps, activation)
+    return _FORWARD[_select("fdn_forward", z)](z, gamma, beta, num_groups, eps, activation)
 
 
 @fdn_forward.register_fake
@@ -81,7 +93,14 @@ def _backward_torch(grad_out, z, gamma, beta, mean, rstd, num_groups, activation
     return tuple(g if need else None for g, need in zip((dz, dgamma, dbeta), needs))
 
 
-_BACKWARD = {"cpu": _backward_native, "cuda": _backward_native, "torch": _backward_torch}
+def _backward_triton(grad_out, z, gamma, beta, mean, rstd, num_groups, activation, needs):
+    from ..triton import fdn as triton_fdn
+
+    return triton_fdn.backward(grad_out, z, gamma, beta, mean, rstd, num_groups, activation, needs)
+
+
+_BACKWARD = {"cpu": _backward_native, "cuda": _backward_native, "triton": _backward_triton,
+             "torch": _backward_torch}
 
 
 @torch.library.custom_op("elr_ext::fdn_backward", mutates_args=())
@@ -99,7 +118,7 @@ def fdn_backward(
     needs_beta: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     needs = [needs_z, needs_gamma, needs_beta]
-    backend = backends.select("fdn", z.device, backends.native_implementations("fdn_backward") + ("torch",))
+    backend = _select("fdn_backward", z)
     grads = _BACKWARD[backend](grad_out, z, gamma, beta, mean, rstd, num_groups, activation, needs)
     # custom ops return tensors only: an empty tensor stands for "not computed"
     return tuple(g if g is not None else z.new_empty(0) for g in grads)
@@ -152,27 +171,27 @@ def _backward(ctx, grad_out, _grad_mean=None, _grad_rstd=None):
     if _traced(z):  # the custom op, which has a fake kernel
         dz, dgamma, dbeta = fdn_backward(*args, *needs)
     else:  # eager: straight to the backend (the custom op's Python layer costs ~50 us a call)
-        backend = backends.select("fdn", z.device, backends.native_implementations("fdn_backward") + ("torch",))
-        dz, dgamma, dbeta = _BACKWARD[backend](*args, needs)
+        dz, dgamma, dbeta = _BACKWARD[_select("fdn_backward", z)](*args, needs)
     if dbeta_is_grad_out:
         dbeta, needs[2] = grad_out, True
     return (dz if needs[0] else None, dgamma if needs[1] else None, dbeta if needs[2] else None, None, None, None)
 
 
 class _FdnEager(torch.autograd.Function):
-    """The eager path to the compiled kernels: the C++ op through the dispatcher inside an
-    autograd.Function, with the same saved tensors and backward as the custom op. At SD's smallest
-    level ([2, 1280, 8, 8]) the custom op's Python layer would otherwise cost more than the kernels."""
+    """The eager path to the compiled kernels (the C++ op through the dispatcher, or the Triton
+    kernels) inside an autograd.Function, with the same saved tensors and backward as the custom op.
+    At SD's smallest level ([2, 1280, 8, 8]) the custom op's Python layer would otherwise cost more
+    than the kernels."""
 
     @staticmethod
-    def forward(ctx, z, gamma, beta, num_groups, eps, activation):
-        out, mean, rstd = _forward_native(z, gamma, beta, num_groups, eps, activation)
+    def forward(ctx, z, gamma, beta, num_groups, eps, activation, backend):
+        out, mean, rstd = _FORWARD[backend](z, gamma, beta, num_groups, eps, activation)
         _save(ctx, z, gamma, beta, mean, rstd, num_groups, activation)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _backward(ctx, grad_out)
+        return (*_backward(ctx, grad_out), None)
 
 
 torch.library.register_autograd("elr_ext::fdn_forward", _backward, setup_context=_setup_context)
@@ -220,7 +239,7 @@ def fdn(
     _check_inputs(z, gamma, beta, num_groups, eps, activation)
     args = (z, gamma, beta, num_groups, float(eps), activation or "none")
     if not _traced(z):
-        backend = backends.select("fdn", z.device, backends.native_implementations("fdn_forward") + ("torch",))
+        backend = _select("fdn_forward", z)
         if backend != "torch":
-            return _FdnEager.apply(*args)
+            return _FdnEager.apply(*args, backend)
     return fdn_forward(*args)[0]

@@ -15,7 +15,10 @@
   convolution, with its own backward.
 - schema: torch.library custom ops elr_ext::kron_lora_forward / kron_lora_backward / kron_delta /
   kron_delta_backward with fake kernels; dispatch per call through elr_ext.backends (compiled cpu /
-  cuda kernels in csrc/{cpu,cuda}/kron_lora.*, or the reference in elr_ext/reference.py).
+  cuda kernels in csrc/{cpu,cuda}/kron_lora.*, the fused Triton kernels in
+  elr_ext/triton/kron_lora.py, or the reference in elr_ext/reference.py). The triton backend runs
+  kron_delta, and factors too large for its fused path, through the reference (torch.kron and
+  batched cuBLAS GEMMs).
 """
 
 from __future__ import annotations
@@ -28,8 +31,27 @@ from .. import backends, reference
 from .._checks import check_same_dtype_device, check_tensor
 
 
-def _select(native_op: str, device: torch.device) -> str:
-    return backends.select("kron_lora", device, backends.native_implementations(native_op) + ("torch",))
+_NATIVE = ("cpu", "cuda")
+
+
+def _triton_fused(device: torch.device, A: torch.Tensor, U: torch.Tensor):
+    """elr_ext.triton.kron_lora when Triton runs on `device` and its fused path takes these factors,
+    else None."""
+    if backends.unavailable_reason("triton", device.type) is not None:
+        return None
+    # imported on first use: Triton fixes interpreted or compiled then
+    from ..triton import kron_lora as triton_kron
+
+    return triton_kron if triton_kron.supported(A, U) else None
+
+
+def _select(native_op: str, device: torch.device, dtype: torch.dtype, triton_fused: bool = False) -> str:
+    """The backend for this call. The triton backend has kernels for the fused Kronecker GEMM only:
+    elsewhere (kron_delta, factors beyond the fused path) a requested triton backend runs the
+    reference, and GPU_DISPATCH's choice of triton passes to the next backend in line."""
+    native = backends.native_implementations(native_op)
+    with_triton = ("triton",) if triton_fused or backends.requested_backend() == "triton" else ()
+    return backends.select("kron_lora", device, native + with_triton + ("torch",), dtype)
 
 
 # ------------------------------------------------------------------------------ kron_lora_linear
@@ -38,8 +60,12 @@ def kron_lora_forward(
     x: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor], scale: float, save_intermediates: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _select("kron_lora_forward", x.device) != "torch":
+    fused = _triton_fused(x.device, A, U)
+    backend = _select("kron_lora_forward", x.device, x.dtype, fused is not None)
+    if backend in _NATIVE:
         return torch.ops.elr_ext_native.kron_lora_forward(x, A, U, V, weight, bias, scale, save_intermediates)
+    if backend == "triton" and fused is not None:
+        return fused.forward(x, A, U, V, weight, bias, scale, save_intermediates)
     y = reference.kron_lora_linear(x, A, U, V, weight, bias, scale).contiguous()
     if not save_intermediates:
         T, a1, a2 = A.shape
@@ -62,8 +88,12 @@ def kron_lora_backward(
     grad_y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
     tmat: torch.Tensor, smat: torch.Tensor, weight: Optional[torch.Tensor], scale: float, needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _select("kron_lora_backward", x.device) != "torch":
+    fused = _triton_fused(x.device, A, U)
+    backend = _select("kron_lora_backward", x.device, x.dtype, fused is not None)
+    if backend in _NATIVE:
         grads = torch.ops.elr_ext_native.kron_lora_backward(grad_y, x, A, U, V, tmat, smat, weight, scale, needs)
+    elif backend == "triton" and fused is not None:
+        grads = fused.backward(grad_y, x, A, U, V, tmat, smat, weight, scale, needs)
     else:
         grads = reference.kron_lora_linear_backward(grad_y, x, A, U, V, weight, scale)
         grads = [g.contiguous() if need else None for g, need in zip(grads, needs)]
@@ -150,7 +180,7 @@ def kron_lora_linear(
 # ------------------------------------------------------------------------------------ kron_delta
 @torch.library.custom_op("elr_ext::kron_delta", mutates_args=())
 def _kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    if _select("kron_delta", A.device) != "torch":
+    if _select("kron_delta", A.device, A.dtype) in _NATIVE:
         return torch.ops.elr_ext_native.kron_delta(A, U, V)
     return reference.kron_delta(A, U, V).contiguous()
 
@@ -164,7 +194,7 @@ def _(A, U, V):
 def _kron_delta_backward(
     grad: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, needs: list[bool]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _select("kron_delta_backward", A.device) != "torch":
+    if _select("kron_delta_backward", A.device, A.dtype) in _NATIVE:
         grads = torch.ops.elr_ext_native.kron_delta_backward(grad, A, U, V, needs)
     else:
         grads = [g.contiguous() if need else None for g, need in zip(reference.kron_delta_backward(grad, A, U, V), needs)]

@@ -21,10 +21,11 @@ makes two calls (K = 1 for q on the hidden states, K = 2 for k, v on the text co
   (custom ops take no None inside a list that autograd flows through: Tensor?[] is opaque to
   register_autograd); outputs not computed are empty tensors, as in the other ops.
 - dispatch: per call, through elr_ext.backends, in one place: the _FORWARD / _BACKWARD tables
-  (compiled cpu / cuda wrappers in csrc/{cpu,cuda}/lowrank_proj.*, or the reference in
-  elr_ext/reference.py). Eager calls reach the backend through an autograd.Function (the custom
-  op's Python layer costs tens of microseconds per call, as much as the GEMMs at SD's smallest
-  token counts); traced calls use the custom ops. Both share _save and _backward.
+  (compiled cpu / cuda wrappers in csrc/{cpu,cuda}/lowrank_proj.*, the Triton GEMMs in
+  elr_ext/triton/lowrank_proj.py, or the reference in elr_ext/reference.py). Eager calls reach the
+  backend through an autograd.Function (the custom op's Python layer costs tens of microseconds per
+  call, as much as the GEMMs at SD's smallest token counts); traced calls use the custom ops. Both
+  share _save and _backward.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from .fdn import _traced
 
 
 def _implemented(native_op: str) -> tuple:
-    return backends.native_implementations(native_op) + ("torch",)
+    return backends.native_implementations(native_op) + ("triton", "torch")
 
 
 def _backend(native_op: str, device: torch.device) -> str:
@@ -62,7 +63,15 @@ def _forward_torch(x, downs, ups, biases):
     return [y.contiguous() for y in ys], h.contiguous()
 
 
-_FORWARD = {"cpu": _forward_native, "cuda": _forward_native, "torch": _forward_torch}
+def _forward_triton(x, downs, ups, biases):
+    # imported on first use: Triton fixes interpreted or compiled then
+    from ..triton import lowrank_proj as triton_lowrank
+
+    return triton_lowrank.forward(x, downs, ups, biases)
+
+
+_FORWARD = {"cpu": _forward_native, "cuda": _forward_native, "triton": _forward_triton,
+            "torch": _forward_torch}
 
 
 @torch.library.custom_op("elr_ext::lowrank_proj_forward", mutates_args=())
@@ -99,7 +108,14 @@ def _backward_torch(grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups, 
     )
 
 
-_BACKWARD = {"cpu": _backward_native, "cuda": _backward_native, "torch": _backward_torch}
+def _backward_triton(grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups, needs_biases):
+    from ..triton import lowrank_proj as triton_lowrank
+
+    return triton_lowrank.backward(grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups, needs_biases)
+
+
+_BACKWARD = {"cpu": _backward_native, "cuda": _backward_native, "triton": _backward_triton,
+             "torch": _backward_torch}
 
 
 @torch.library.custom_op("elr_ext::lowrank_proj_backward", mutates_args=())
