@@ -12,6 +12,8 @@ Arms, in one process, interleaved (benchmarks/harness.py); "K" is 3 or 2:
   concatenated eager     elr_ext.reference.lowrank_proj: one matmul over the stacked downs, then the ups
   torch.compile          torch.compile(fullgraph=True) of that reference
   elr-ext                elr_ext.lowrank_proj on the device's default backend
+  elr-ext cuda/triton    on a GPU, each backend forced (GPU_DISPATCH in elr_ext/backends.py is read
+                         from their ratio)
 Forward runs under no_grad; forward+backward takes the gradients of x and of every weight (Stage I
 trains them all, and x is an activation of the UNet).
 
@@ -46,7 +48,7 @@ def grid():
     return cases
 
 
-def make_case(kind, d, d_in, tokens, divisor, device, dtype) -> harness.Case:
+def make_case(kind, d, d_in, tokens, divisor, device, dtype, gpu_backends=()) -> harness.Case:
     K = 3 if kind == "self" else 2
     r = d // divisor
 
@@ -78,7 +80,10 @@ def make_case(kind, d, d_in, tokens, divisor, device, dtype) -> harness.Case:
                         fn()
                 return call
             return lambda: torch.autograd.grad(fn(), leaves, grads)
-        return {name: arm(fn, leaves) for name, (fn, leaves) in fns.items()}
+        arms = {name: arm(fn, leaves) for name, (fn, leaves) in fns.items()}
+        for backend in gpu_backends:  # forced for the whole call, backward included
+            arms[f"{harness.OURS} {backend}"] = elr_ext.use_backend(backend)(arm(*fns[harness.OURS]))
+        return arms
 
     label = f"{kind} K={K} {d_in}->{d} M={tokens} r={r}"
     params = {"kind": kind, "K": K, "d_in": d_in, "d_out": d, "tokens": tokens, "rank": r}
@@ -91,8 +96,12 @@ def main(argv=None):
     compiled_for = elr_ext.backends.native_implementations("lowrank_proj_forward")
     print(f"elr_ext backends on {device.type}: {elr_ext.available_backends(device.type)}; "
           f"lowrank_proj compiled for {compiled_for}")
+    gpu_backends = [b for b in ("cuda", "triton") if device.type == "cuda"
+                    and elr_ext.backends.unavailable_reason(b, "cuda") is None]
+    if "triton" not in gpu_backends:
+        print(f"triton arm skipped: {elr_ext.backends.unavailable_reason('triton', 'cuda')} (a GPU arm)")
     for dtype in harness.dtypes_for(args):
-        cases = [make_case(*spec, device, dtype) for spec in (QUICK if args.quick else grid())]
+        cases = [make_case(*spec, device, dtype, gpu_backends) for spec in (QUICK if args.quick else grid())]
         harness.run("lowrank_proj", cases, device, dtype, repeats=3 if args.quick else args.repeats,
                     out_dir=args.out_dir, tag="_quick" if args.quick else "")
 
