@@ -53,9 +53,14 @@ def build():
 
 def batches(n):
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(2, 3, 32, 32, generator=generator), torch.randint(0, 1000, (2,), generator=generator),
-             torch.randn(2, 8, 32, generator=generator), torch.rand(2, 3, 32, 32, generator=generator),
-             torch.randn(2, 3, 32, 32, generator=generator)) for _ in range(n)]
+    def batch():
+        sample = torch.randn(2, 3, 32, 32, generator=generator)
+        timestep = torch.randint(0, 1000, (2,), generator=generator)
+        text = torch.randn(2, 8, 32, generator=generator)
+        condition = torch.rand(2, 3, 32, 32, generator=generator)
+        return sample, timestep, text, condition, torch.randn(2, 3, 32, 32, generator=generator)
+
+    return [batch() for _ in range(n)]
 
 
 def make_step(unet, adapter, optimizer, compiled: bool):
@@ -105,6 +110,6 @@ def test_compiled_step_matches_eager():
     losses = [step(*b) for b in data]
 
     for i, (loss, ref) in enumerate(zip(losses, eager_losses)):
-        assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6), f"step {i}: compiled {loss.item()} eager {ref.item()}"
+        assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6), (i, loss.item(), ref.item())
     for (name, p), q in zip(adapter.named_trainable_parameters(), eager_adapter.trainable_parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), f"{name} after {STEPS} steps"
