@@ -94,12 +94,19 @@ def compiled_info() -> dict:
         return {}
 
 
+_triton_import_error: list = []  # filled once: ops ask per call, and a failed import is not cached
+
+
 def _triton_reason(device_type: str) -> str | None:
     """None when Triton can run on this device type, else why not."""
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return "triton is not installed"
+    if not _triton_import_error:
+        try:
+            importlib.import_module("triton")
+            _triton_import_error.append(None)
+        except ImportError as exc:
+            _triton_import_error.append(f"triton is not installed ({exc})")
+    if _triton_import_error[0] is not None:
+        return _triton_import_error[0]
     # Triton fixes interpreted or compiled when a kernel is defined (elr_ext/triton/__init__.py)
     defined_interpreted = getattr(sys.modules.get("elr_ext.triton"), "INTERPRETED", None)
     if device_type == "cpu":
