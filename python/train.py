@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train ELR-Diffusion (paper: ../shared/paper/elr-diffusion.txt, DESIGN.md section 7).
 
-    python python/train.py --stage 2                  # the built-in default: tiny model, synthetic scenes, CPU;
-                                                      # runs stage 0 (teacher) and stage 1 (student) first
+    python python/train.py --stage 2      # the built-in default: tiny model, synthetic scenes, CPU;
+                                          # runs stage 0 (teacher) and stage 1 (student) first
     python python/train.py --stage 1 --pretrained SD21_FOLDER --data LAION_SHARDS --output-dir runs/stage1
     python python/train.py --stage 2 --backbone runs/stage1 --pretrained SD21_FOLDER --data UNI_FOLDER \
         --condition-types canny sketch seg
@@ -39,8 +39,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from elr_training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from elr_training.config import (ControlConfig, DistillConfig, TeacherConfig, describe, make_config, parse_config,
-                                 to_dict)
+from elr_training.config import (
+    ControlConfig,
+    DistillConfig,
+    TeacherConfig,
+    describe,
+    make_config,
+    parse_config,
+    to_dict,
+)
 from elr_training.data import ConditionMaker, ConditionSettings, build_training_data, build_validation_set
 from elr_training.models import load_components, tiny_components, unwrap
 from elr_training.run_log import RunLog, plot_curves, write_json
@@ -48,49 +55,76 @@ from elr_training.stages import STAGES, weight_dtype_of
 
 # Fields of the user's stage-2 command that the stages run before it (the default chain) inherit;
 # everything else (learning rate, steps, validation cadence ...) comes from each stage's own preset.
-INHERITED_BY_EARLIER_STAGES = ("seed", "data", "data_format", "caption_column", "synthetic_size",
-                               "synthetic_max_shapes", "resolution", "dataloader_num_workers", "train_batch_size",
-                               "gradient_accumulation_steps", "mixed_precision", "gradient_checkpointing", "compile",
-                               "cpu", "num_inference_steps", "num_validation_images", "loss_weighting", "snr_gamma")
+INHERITED_BY_EARLIER_STAGES = (
+    "seed",
+    "data",
+    "data_format",
+    "caption_column",
+    "synthetic_size",
+    "synthetic_max_shapes",
+    "resolution",
+    "dataloader_num_workers",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "compile",
+    "cpu",
+    "num_inference_steps",
+    "num_validation_images",
+    "loss_weighting",
+    "snr_gamma",
+)
 
 
 def main(argv=None) -> dict:
     # ---------------------------------------------------------------- arguments -> configuration
     config, sources = parse_config(argv)
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
-        cpu=config.cpu, project_config=ProjectConfiguration(project_dir=config.output_dir))
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        cpu=config.cpu,
+        project_config=ProjectConfiguration(project_dir=config.output_dir),
+    )
     started = time.perf_counter()
 
     # The built-in default: stage 2 without a backbone first trains one (stage 0, then stage 1).
     earlier = {}
     if config.stage == 2 and config.backbone is None and config.pretrained is None:
         teacher_dir, student_dir = (os.path.join(config.output_dir, f"stage{k}") for k in (0, 1))
-        accelerator.print(f"--stage 2 without --backbone: training the tiny teacher (stage 0) in {teacher_dir}, "
-                          f"then the low-rank student (stage 1) in {student_dir}, then the control adapter (stage 2)")
+        accelerator.print(
+            f"--stage 2 without --backbone: training the tiny teacher (stage 0) in {teacher_dir}, "
+            f"then the low-rank student (stage 1) in {student_dir}, then the control adapter (stage 2)"
+        )
         for number, folder, extra in ((0, teacher_dir, {}), (1, student_dir, {"teacher": teacher_dir})):
-            inherited = {k: getattr(config, k) for k in INHERITED_BY_EARLIER_STAGES if sources[k] != "default"}
+            inherited = {
+                k: getattr(config, k) for k in INHERITED_BY_EARLIER_STAGES if sources[k] in ("cli", "yaml")
+            }
             if config.earlier_stage_steps:
                 inherited["max_train_steps"] = config.earlier_stage_steps[number]
             if config.resume_from_checkpoint == "latest":
                 inherited["resume_from_checkpoint"] = "latest"
-            stage_config, stage_sources = make_config({0: TeacherConfig, 1: DistillConfig}[number], dict(
-                stage=number, output_dir=folder, **inherited, **extra))
+            stage_config, stage_sources = make_config(
+                {0: TeacherConfig, 1: DistillConfig}[number],
+                dict(stage=number, output_dir=folder, **inherited, **extra),
+            )
             earlier[f"stage{number}"] = run_stage(stage_config, stage_sources, accelerator)
         config.backbone = student_dir
         sources["backbone"] = "stage 1 above"
     elif config.stage == 1 and config.teacher is None and config.pretrained is None:
-        raise SystemExit("--stage 1 needs --teacher (a stage-0 run or model folder) or --pretrained (SD 2.1 folder); "
-                         "`--stage 2` alone runs stages 0 and 1 for you")
+        raise SystemExit(
+            "--stage 1 needs --teacher (a stage-0 run or model folder) or --pretrained (SD 2.1 folder); "
+            "`--stage 2` alone runs stages 0 and 1 for you"
+        )
 
-    result = run_stage(config, sources, accelerator, earlier)
+    result = run_stage(config, sources, accelerator)
     if accelerator.is_main_process and earlier:
         summarise_chain(config.output_dir, earlier, result, time.perf_counter() - started)
     accelerator.end_training()
     return result
 
 
-def run_stage(config, sources, accelerator, earlier=None) -> dict:
+def run_stage(config, sources, accelerator) -> dict:
     """Trains one stage; returns its metrics (also written to <output_dir>/metrics.json)."""
     say = accelerator.print
     say(describe(config, sources))  # every value and where it came from
@@ -108,7 +142,12 @@ def run_stage(config, sources, accelerator, earlier=None) -> dict:
     stage = STAGES[config.stage](config, components, device, say)
     model = stage.trained_module()
     # Frozen UNets (teacher, backbone) in the low precision; what trains stays fp32 (master weights).
-    for frozen in (components.text_encoder, components.vae, getattr(stage, "teacher", None), getattr(stage, "unet", None)):
+    for frozen in (
+        components.text_encoder,
+        components.vae,
+        getattr(stage, "teacher", None),
+        getattr(stage, "unet", None),
+    ):
         if frozen is not None and frozen is not model:
             frozen.to(device)
             if weight_dtype != torch.float32:
@@ -124,29 +163,52 @@ def run_stage(config, sources, accelerator, earlier=None) -> dict:
     # ---------------------------------------------------------------- set-up: data
     condition_maker = None
     if isinstance(config, ControlConfig):
-        condition_maker = ConditionMaker(config.condition_types, ConditionSettings(
-            canny_low_threshold=config.canny_low_threshold, canny_high_threshold=config.canny_high_threshold,
-            xdog_sigma=config.xdog_sigma, segmentation_model=config.segmentation_model))
+        condition_maker = ConditionMaker(
+            config.condition_types,
+            ConditionSettings(
+                canny_low_threshold=config.canny_low_threshold,
+                canny_high_threshold=config.canny_high_threshold,
+                xdog_sigma=config.xdog_sigma,
+                segmentation_model=config.segmentation_model,
+            ),
+        )
     data = build_training_data(config, condition_maker, accelerator.process_index, accelerator.num_processes)
     validation_samples = build_validation_set(config, condition_maker) if accelerator.is_main_process else []
-    updates_per_epoch = (math.ceil(data.batches_per_epoch / config.gradient_accumulation_steps)
-                         if data.batches_per_epoch else None)
-    max_steps = config.max_train_steps or (updates_per_epoch * config.num_train_epochs if updates_per_epoch else None)
-    say(f"data: {data.format}, {data.batches_per_epoch or 'unknown (streamed)'} batches of "
+    updates_per_epoch = (
+        math.ceil(data.batches_per_epoch / config.gradient_accumulation_steps)
+        if data.batches_per_epoch
+        else None
+    )
+    max_steps = config.max_train_steps or (
+        updates_per_epoch * config.num_train_epochs if updates_per_epoch else None
+    )
+    say(
+        f"data: {data.format}, {data.batches_per_epoch or 'unknown (streamed)'} batches of "
         f"{config.train_batch_size} per process and epoch, {accelerator.num_processes} process(es); "
-        f"{max_steps or 'all'} optimiser steps")
+        f"{max_steps or 'all'} optimiser steps"
+    )
 
     # ---------------------------------------------------------------- set-up: optimiser, schedule, accelerate
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
     if max_steps is None and config.lr_scheduler not in ("constant", "constant_with_warmup"):
-        raise ValueError(f"--lr-scheduler {config.lr_scheduler} needs a known length: give --max-train-steps "
-                         f"(streamed shards have no length)")
+        raise ValueError(
+            f"--lr-scheduler {config.lr_scheduler} needs a known length: give --max-train-steps "
+            f"(streamed shards have no length)"
+        )
     # Stepped once per optimiser step by this script (not prepared): its state is the step count.
-    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                 num_training_steps=max_steps)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=max_steps
+    )
     if accelerator.distributed_type.value == "DEEPSPEED":  # the data loader is ours, not accelerate's
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+            config.train_batch_size
+        )
     model, optimizer = accelerator.prepare(model, optimizer)
     if config.compile:
         model = torch.compile(model)
@@ -170,7 +232,9 @@ def run_stage(config, sources, accelerator, earlier=None) -> dict:
             micro_step, skipped, history = state["micro_step"], state["skipped"], state.get("history", {})
             for name, points in history.items():
                 log.history[name] = [tuple(p) for p in points]
-            say(f"resumed from {path}: step {global_step}, epoch {epoch}, batch {batch_in_epoch} of the epoch")
+            say(
+                f"resumed from {path}: step {global_step}, epoch {epoch}, batch {batch_in_epoch} of the epoch"
+            )
     if accelerator.is_main_process:
         log.text("config", describe(config, sources))
 
@@ -180,11 +244,21 @@ def run_stage(config, sources, accelerator, earlier=None) -> dict:
 
     # ---------------------------------------------------------------- training loop
     def checkpoint_state():
-        return {"epoch": epoch, "batch_in_epoch": batch_in_epoch, "micro_step": micro_step, "skipped": skipped,
-                "history": {k: list(v) for k, v in log.history.items()}}
+        return {
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "micro_step": micro_step,
+            "skipped": skipped,
+            "history": {k: list(v) for k, v in log.history.items()},
+        }
 
-    progress = tqdm(total=max_steps, initial=global_step, desc=f"stage {config.stage}",
-                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    progress = tqdm(
+        total=max_steps,
+        initial=global_step,
+        desc=f"stage {config.stage}",
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
     validation_metrics, last_grid, validated_at = {}, None, None
     step_times = []
     done = max_steps is not None and global_step >= max_steps
@@ -197,7 +271,9 @@ def run_stage(config, sources, accelerator, earlier=None) -> dict:
                 skipped[marker.kind] += 1
                 say(f"skipped {marker.kind} {marker.where}: {marker.reason}")
             # Every draw of this micro-batch comes from a generator seeded by (seed, micro-step, process).
-            generator = torch.Generator().manual_seed(hash_seed(config.seed, micro_step, accelerator.process_index))
+            generator = torch.Generator().manual_seed(
+                hash_seed(config.seed, micro_step, accelerator.process_index)
+            )
             micro_step += 1
             with accelerator.accumulate(model):
                 with accelerator.autocast():
@@ -222,17 +298,30 @@ def run_stage(config, sources, accelerator, earlier=None) -> dict:
             progress.update(1)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}", s_per_it=f"{step_times[-1]:.2f}")
             if global_step % config.logging_steps == 0:
-                log.scalars({f"train/{k}": v for k, v in logs.items()} | {"train/lr": lr,
-                            "train/s_per_it": step_times[-1]}, global_step)
+                log.scalars(
+                    {f"train/{k}": v for k, v in logs.items()}
+                    | {"train/lr": lr, "train/s_per_it": step_times[-1]},
+                    global_step,
+                )
 
             done = max_steps is not None and global_step >= max_steps
             if config.checkpointing_steps and (global_step % config.checkpointing_steps == 0 or done):
-                path = save_checkpoint(accelerator, checkpoints_dir, global_step, model, trained_names, optimizer,
-                                       lr_scheduler, checkpoint_state(), config.checkpoints_total_limit)
+                path = save_checkpoint(
+                    accelerator,
+                    checkpoints_dir,
+                    global_step,
+                    model,
+                    trained_names,
+                    optimizer,
+                    lr_scheduler,
+                    checkpoint_state(),
+                    config.checkpoints_total_limit,
+                )
                 say(f"saved {path}")
             if config.validation_steps and (global_step % config.validation_steps == 0 or done):
-                last_grid, validation_metrics = validate(stage, validation_samples, global_step, log, config,
-                                                         accelerator)
+                last_grid, validation_metrics = validate(
+                    stage, validation_samples, global_step, log, config, accelerator
+                )
                 validated_at = global_step
             if done:
                 break
@@ -244,7 +333,9 @@ def run_stage(config, sources, accelerator, earlier=None) -> dict:
 
     # ---------------------------------------------------------------- final validation and saving
     if validated_at != global_step:
-        last_grid, validation_metrics = validate(stage, validation_samples, global_step, log, config, accelerator)
+        last_grid, validation_metrics = validate(
+            stage, validation_samples, global_step, log, config, accelerator
+        )
     loss_after = fixed_batch_loss(stage, model, fixed_batch, config.seed)
     totals = accelerator.reduce(torch.tensor([skipped["image"], skipped["shard"]], device=device), "sum")
     # Every process must end with the same weights (DDP averages gradients): compare checksums.
@@ -266,7 +357,8 @@ def run_stage(config, sources, accelerator, earlier=None) -> dict:
         "fixed_batch_loss_after": loss_after,
         "train_loss_first10": mean_of(log.history.get("train/loss", [])[:10]),
         "train_loss_last10": mean_of(log.history.get("train/loss", [])[-10:]),
-        "skipped_images": int(totals[0]), "skipped_shards": int(totals[1]),
+        "skipped_images": int(totals[0]),
+        "skipped_shards": int(totals[1]),
         "trained_parameters": sum(p.numel() for p in params),
         "weights_checksum_per_process": checksums,
         **{k.replace("val/", "validation_"): v for k, v in validation_metrics.items()},
@@ -282,9 +374,14 @@ def run_stage(config, sources, accelerator, earlier=None) -> dict:
         write_json(os.path.join(config.output_dir, "metrics.json"), metrics)
         log.close()
         metrics["loss_history"] = {k: v for k, v in log.history.items() if k.startswith("train/loss")}
-        say(f"stage {config.stage} done in {metrics['wall_time_s']:.0f} s: loss on a fixed batch "
-            f"{loss_before:.4f} -> {loss_after:.4f}; {summary_line(validation_metrics)}")
-        say(f"run folder {config.output_dir}: model/, checkpoints/, logs/, samples.png, loss_curves.png, metrics.json")
+        say(
+            f"stage {config.stage} done in {metrics['wall_time_s']:.0f} s: loss on a fixed batch "
+            f"{loss_before:.4f} -> {loss_after:.4f}; {summary_line(validation_metrics)}"
+        )
+        say(
+            f"run folder {config.output_dir}: model/, checkpoints/, logs/, samples.png, loss_curves.png, "
+            "metrics.json"
+        )
     return metrics
 
 
@@ -292,10 +389,14 @@ def load_stage_components(config, say):
     """The model parts the stage starts from (see elr_training/models.py for the folder layout)."""
     if isinstance(config, TeacherConfig):
         if config.pretrained:
-            raise SystemExit("stage 0 trains the tiny built-in teacher; a --pretrained model is already a teacher: "
-                             "use --stage 1 --pretrained ...")
+            raise SystemExit(
+                "stage 0 trains the tiny built-in teacher; a --pretrained model is already a teacher: "
+                "use --stage 1 --pretrained ..."
+            )
         say(f"tiny built-in configuration (elr_ext.tiny), seed {config.seed}")
-        return tiny_components(config.seed)
+        return tiny_components(
+            config.seed, prediction_type=config.prediction_type, beta_schedule=config.beta_schedule
+        )
     if isinstance(config, DistillConfig):
         if config.teacher:
             say(f"teacher: {config.teacher}")
@@ -305,11 +406,15 @@ def load_stage_components(config, say):
     if config.backbone:
         say(f"backbone: {config.backbone}")
         components = load_components(config.backbone, "--backbone")
-        if config.pretrained and components.vae is None:  # a backbone folder may leave the VAE to --pretrained
+        if (
+            config.pretrained and components.vae is None
+        ):  # a backbone folder may leave the VAE to --pretrained
             components.vae = load_components(config.pretrained, "--pretrained", require_vae=True).vae
         return components
-    say(f"backbone: the dense UNet of --pretrained {config.pretrained} (the paper's backbone is the stage-1 "
-        f"student: pass --backbone to use one)")
+    say(
+        f"backbone: the dense UNet of --pretrained {config.pretrained} (the paper's backbone is the stage-1 "
+        f"student: pass --backbone to use one)"
+    )
     return load_components(config.pretrained, "--pretrained", require_vae=True)
 
 
@@ -317,11 +422,14 @@ def validate(stage, samples, step, log, config, accelerator):
     """Validation grid and metrics on the main process; the others wait."""
     grid, metrics = None, {}
     if accelerator.is_main_process:
-        grid, metrics = stage.validate(samples, step)
+        with accelerator.autocast():  # frozen parts in the low precision, trained ones in fp32
+            grid, metrics = stage.validate(samples, step)
         folder = os.path.join(config.output_dir, "samples")
         os.makedirs(folder, exist_ok=True)
         Image.fromarray(grid).save(os.path.join(folder, f"step-{step}.png"))
-        shutil.copyfile(os.path.join(folder, f"step-{step}.png"), os.path.join(config.output_dir, "samples.png"))
+        shutil.copyfile(
+            os.path.join(folder, f"step-{step}.png"), os.path.join(config.output_dir, "samples.png")
+        )
         log.image("validation/grid", grid, step)
         log.scalars(metrics, step)
         log.flush()
@@ -357,7 +465,7 @@ def weights_checksum(params) -> torch.Tensor:
 
 def hash_seed(seed: int, step: int, rank: int) -> int:
     """Independent streams per (seed, micro-step, process) from numpy's SeedSequence."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] % (2 ** 63))
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] % (2**63))
 
 
 def mean_of(points) -> float | None:
@@ -371,12 +479,18 @@ def summary_line(metrics: dict) -> str:
 
 def summarise_chain(output_dir: str, earlier: dict, final: dict, wall_time: float) -> None:
     """The chained default's run folder also gets the metrics and loss curves of all three stages."""
-    curves = {f"{name} {key}": points for name, metrics in list(earlier.items()) + [("stage2", final)]
-              for key, points in metrics["loss_history"].items()}
+    curves = {
+        f"{name} {key}": points
+        for name, metrics in list(earlier.items()) + [("stage2", final)]
+        for key, points in metrics["loss_history"].items()
+    }
     plot_curves(curves, os.path.join(output_dir, "loss_curves.png"), title="stages 0, 1, 2")
     drop = ("config", "loss_history")
-    metrics = {**{k: v for k, v in final.items() if k != "loss_history"}, "wall_time_all_stages_s": wall_time,
-               "earlier_stages": {k: {m: v for m, v in e.items() if m not in drop} for k, e in earlier.items()}}
+    metrics = {
+        **{k: v for k, v in final.items() if k != "loss_history"},
+        "wall_time_all_stages_s": wall_time,
+        "earlier_stages": {k: {m: v for m, v in e.items() if m not in drop} for k, e in earlier.items()},
+    }
     write_json(os.path.join(output_dir, "metrics.json"), metrics)
     print(f"all three stages done in {wall_time:.0f} s; run folder {output_dir}")
 

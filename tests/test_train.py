@@ -19,12 +19,35 @@ sys.path.insert(0, os.path.join(REPO, "python"))
 import train  # noqa: E402  (python/train.py)
 
 # Small and quick: 16-px images, batches of 4, two sampling steps at validation.
-TINY = ["--resolution", "16", "--train-batch-size", "4", "--num-validation-images", "2", "--num-inference-steps", "2",
-        "--validation-steps", "1000", "--checkpointing-steps", "1000", "--synthetic-size", "4"]
+TINY = [
+    "--resolution",
+    "16",
+    "--train-batch-size",
+    "4",
+    "--num-validation-images",
+    "2",
+    "--num-inference-steps",
+    "2",
+    "--validation-steps",
+    "1000",
+    "--checkpointing-steps",
+    "1000",
+    "--synthetic-size",
+    "4",
+]
 
 
 def run(stage, output_dir, *extra, steps=6, lr=None):
-    argv = ["--stage", str(stage), "--output-dir", str(output_dir), "--max-train-steps", str(steps), *TINY, *extra]
+    argv = [
+        "--stage",
+        str(stage),
+        "--output-dir",
+        str(output_dir),
+        "--max-train-steps",
+        str(steps),
+        *TINY,
+        *extra,
+    ]
     if lr is not None:
         argv += ["--learning-rate", str(lr)]
     return train.main(argv)
@@ -53,8 +76,15 @@ def test_stage0_teacher_loss_falls_and_run_folder(teacher):
     folder, metrics = teacher
     # synthetic_size == batch size: every step sees the same 4 scenes, the fixed batch of the test
     assert metrics["fixed_batch_loss_after"] < 0.8 * metrics["fixed_batch_loss_before"], metrics
-    for name in ("samples.png", "loss_curves.png", "metrics.json", "model/unet/config.json",
-                 "model/text_encoder/config.json", "model/tokenizer/tokenizer_config.json", "model/scheduler/scheduler_config.json"):
+    for name in (
+        "samples.png",
+        "loss_curves.png",
+        "metrics.json",
+        "model/unet/config.json",
+        "model/text_encoder/config.json",
+        "model/tokenizer/tokenizer_config.json",
+        "model/scheduler/scheduler_config.json",
+    ):
         assert os.path.isfile(os.path.join(folder, name)), name
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(folder, "logs")))
     assert os.listdir(os.path.join(folder, "checkpoints")) == ["checkpoint-8"]  # saved at the end
@@ -74,8 +104,20 @@ def test_stage1_distillation_loss_falls_and_saves_decomposed_student(student, te
 
 
 def test_stage1_feature_distillation_and_min_snr(tmp_path, teacher):
-    metrics = run(1, tmp_path, "--teacher", str(teacher[0]), "--feature-distillation", "down=0.1,mid=0.2,up=0.1/0/0.3",
-                  "--loss-weighting", "min-snr", "--task-loss-weight", "0.1", steps=3, lr=3e-3)
+    metrics = run(
+        1,
+        tmp_path,
+        "--teacher",
+        str(teacher[0]),
+        "--feature-distillation",
+        "down=0.1,mid=0.2,up=0.1/0/0.3",
+        "--loss-weighting",
+        "min-snr",
+        "--task-loss-weight",
+        "0.1",
+        steps=3,
+        lr=3e-3,
+    )
     history = metrics["loss_history"]
     assert {"train/loss", "train/loss_kd", "train/loss_feature", "train/loss_task"} <= set(history)
     assert all(v > 0 for _, v in history["train/loss_feature"])
@@ -98,8 +140,16 @@ def _final_weights(folder):
 
 
 def test_resume_gives_the_weights_of_an_unbroken_run(tmp_path, student):
-    common = ("--backbone", str(student[0]), "--checkpointing-steps", "2", "--synthetic-size", "16",
-              "--gradient-accumulation-steps", "1")
+    common = (
+        "--backbone",
+        str(student[0]),
+        "--checkpointing-steps",
+        "2",
+        "--synthetic-size",
+        "16",
+        "--gradient-accumulation-steps",
+        "1",
+    )
     run(2, tmp_path / "straight", *common, steps=4, lr=1e-3)
     run(2, tmp_path / "broken", *common, steps=2, lr=1e-3)
     resumed = run(2, tmp_path / "broken", *common, "--resume-from-checkpoint", "latest", steps=4, lr=1e-3)
@@ -141,11 +191,37 @@ def test_accelerate_launch_two_cpu_processes_agree(tmp_path, student):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     # accelerate 1.x starts a single process for `launch --cpu` unless MPI is set up; torchrun's launcher
     # (--multi_gpu) with the script's own --cpu gives DDP over gloo on CPU processes.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-               os.path.join(REPO, "python", "train.py"), "--cpu", "--stage", "2", "--backbone", str(student[0]),
-               "--output-dir", str(tmp_path), "--max-train-steps", "2", "--learning-rate", "1e-3", "--synthetic-size", "16",
-               *TINY[:-2]]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        os.path.join(REPO, "python", "train.py"),
+        "--cpu",
+        "--stage",
+        "2",
+        "--backbone",
+        str(student[0]),
+        "--output-dir",
+        str(tmp_path),
+        "--max-train-steps",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--synthetic-size",
+        "16",
+        *TINY[:-2],
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = read_metrics(tmp_path)
@@ -168,20 +244,41 @@ def sd_like_folder(tmp_path_factory):
     tiny.tiny_vae().save_pretrained(folder / "vae")
     tiny.tiny_text_encoder().save_pretrained(folder / "text_encoder")
     tiny.tiny_tokenizer().save_pretrained(folder / "tokenizer")
-    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
-                  clip_sample=False).save_pretrained(folder / "scheduler")
+    DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        clip_sample=False,
+    ).save_pretrained(folder / "scheduler")
     return folder
 
 
 def test_pretrained_folder_trains_stage1_then_stage2(tmp_path, sd_like_folder):
-    stage1 = run(1, tmp_path / "s1", "--pretrained", str(sd_like_folder), "--preset", "tiny", steps=2, lr=1e-3)
+    stage1 = run(
+        1, tmp_path / "s1", "--pretrained", str(sd_like_folder), "--preset", "tiny", steps=2, lr=1e-3
+    )
     assert stage1["global_step"] == 2 and stage1["config"]["pretrained"] == str(sd_like_folder)
     assert os.path.isdir(tmp_path / "s1" / "model" / "vae")
-    stage2 = run(2, tmp_path / "s2", "--pretrained", str(sd_like_folder), "--backbone", str(tmp_path / "s1"),
-                 "--preset", "tiny", "--validation-steps", "2", steps=2, lr=1e-3)
+    stage2 = run(
+        2,
+        tmp_path / "s2",
+        "--pretrained",
+        str(sd_like_folder),
+        "--backbone",
+        str(tmp_path / "s1"),
+        "--preset",
+        "tiny",
+        "--validation-steps",
+        "2",
+        steps=2,
+        lr=1e-3,
+    )
     assert stage2["global_step"] == 2 and stage2["validation_edge_nmse_control"] is not None
     # the dense pretrained UNet as the backbone (no --backbone)
-    dense = run(2, tmp_path / "s2dense", "--pretrained", str(sd_like_folder), "--preset", "tiny", steps=2, lr=1e-3)
+    dense = run(
+        2, tmp_path / "s2dense", "--pretrained", str(sd_like_folder), "--preset", "tiny", steps=2, lr=1e-3
+    )
     assert dense["global_step"] == 2
 
 
@@ -208,7 +305,12 @@ def test_config_precedence_yaml_and_cli(tmp_path):
     assert config.condition_types == ["canny", "seg"]
     assert sources["max_train_steps"] == "preset tiny"
     paper, _ = parse_config(["--stage", "2", "--pretrained", str(tmp_path)])
-    assert (paper.learning_rate, paper.resolution, paper.num_train_epochs, paper.max_train_steps) == (1e-5, 512, 1, None)
+    assert (paper.learning_rate, paper.resolution, paper.num_train_epochs, paper.max_train_steps) == (
+        1e-5,
+        512,
+        1,
+        None,
+    )
     yaml_file.write_text("learning_rat: 1\n")
     with pytest.raises(ValueError, match="unknown field.*learning_rat"):
         parse_config(["--stage", "2", "--config", str(yaml_file)])

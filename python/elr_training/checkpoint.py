@@ -5,7 +5,7 @@ A checkpoint is a folder checkpoints/checkpoint-<step>/ holding
     model.safetensors        the trained weights (what the stage optimises, fp32)
     optimizer.pt             optimiser state_dict   (torch.save; read with torch.load(weights_only=True))
     lr_scheduler.pt          lr-scheduler state_dict (same)
-    rng_state_<rank>.safetensors + rng_state_<rank>.json   torch (CPU, CUDA), numpy and python RNG of each process
+    rng_state_<rank>.*       torch (CPU, CUDA) RNG (.safetensors), numpy and python RNG (.json), per process
     state.json               global step, epoch, batches consumed in the epoch, skipped-data counts
 
 It is written to checkpoint-<step>.tmp first and renamed when complete (a rename within one folder
@@ -56,8 +56,17 @@ def trained_state(model: torch.nn.Module, names: list) -> dict:
     return {name: params[name].detach().float().cpu().contiguous().clone() for name in names}
 
 
-def save_checkpoint(accelerator, folder: str, step: int, model, trained_names: list, optimizer, lr_scheduler,
-                    state: dict, total_limit: Optional[int] = None) -> str:
+def save_checkpoint(
+    accelerator,
+    folder: str,
+    step: int,
+    model,
+    trained_names: list,
+    optimizer,
+    lr_scheduler,
+    state: dict,
+    total_limit: Optional[int] = None,
+) -> str:
     """Every process calls this (each saves its RNG); the main process writes the rest and renames."""
     final = os.path.join(folder, f"checkpoint-{step}")
     tmp = final + ".tmp"
@@ -100,8 +109,10 @@ def load_checkpoint(accelerator, path: str, model, optimizer, lr_scheduler) -> d
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     if state.get("num_processes", 1) != accelerator.num_processes:
-        accelerator.print(f"note: {path} was written by {state.get('num_processes')} process(es), resuming with "
-                          f"{accelerator.num_processes}: the data order after this point differs from an unbroken run")
+        accelerator.print(
+            f"note: {path} was written by {state.get('num_processes')} process(es), resuming with "
+            f"{accelerator.num_processes}: the data order after this point differs from an unbroken run"
+        )
     unwrapped = accelerator.unwrap_model(model)
     weights = load_file(os.path.join(path, "model.safetensors"))
     params = dict(unwrapped.named_parameters())
@@ -114,7 +125,9 @@ def load_checkpoint(accelerator, path: str, model, optimizer, lr_scheduler) -> d
     if accelerator.distributed_type.value == "DEEPSPEED":
         accelerator.load_state(os.path.join(path, "deepspeed"))
     else:
-        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu"))
+        optimizer.load_state_dict(
+            torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu")
+        )
     lr_scheduler.load_state_dict(torch.load(os.path.join(path, "lr_scheduler.pt"), weights_only=True))
     _load_rng(path, accelerator.process_index)
     return state
@@ -129,8 +142,13 @@ def _save_rng(folder: str, rank: int) -> None:
     np_state = np.random.get_state()
     py_state = random.getstate()
     with open(os.path.join(folder, f"rng_state_{rank}.json"), "w") as f:
-        json.dump({"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-                   "python": [py_state[0], list(py_state[1]), py_state[2]]}, f)
+        json.dump(
+            {
+                "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                "python": [py_state[0], list(py_state[1]), py_state[2]],
+            },
+            f,
+        )
 
 
 def _load_rng(folder: str, rank: int) -> None:

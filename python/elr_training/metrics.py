@@ -41,8 +41,10 @@ def to_uint8_image(image, name: str = "image") -> np.ndarray:
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
-        raise ValueError(f"{name}: expected [H, W], [H, W, C] or [C, H, W] with C in (1, 3, 4), got shape "
-                         f"{tuple(image.shape)}")
+        raise ValueError(
+            f"{name}: expected [H, W], [H, W, C] or [C, H, W] with C in (1, 3, 4), got shape "
+            f"{tuple(image.shape)}"
+        )
     if image.dtype == np.uint8:
         return image
     if image.dtype == np.bool_:
@@ -63,7 +65,7 @@ def canny_edges(image, low_threshold: int = 100, high_threshold: int = 200) -> n
 
 
 def edge_nmse(generated, condition_edges, low_threshold: int = 100, high_threshold: int = 200) -> float:
-    """mean((Canny(generated) - edges)^2) / mean(edges^2), both maps in [0, 1]; NaN if `condition_edges` is empty.
+    """mean((Canny(generated) - edges)^2) / mean(edges^2), both maps in [0, 1]; NaN if the edges are empty.
 
     generated: the generated image (uint8, or floats in [0, 1]; HWC, CHW or HW; numpy, torch or PIL).
     condition_edges: the edge map it was conditioned on ({0, 1}, {0, 255} or floats in [0, 1]), same H, W.
@@ -74,8 +76,10 @@ def edge_nmse(generated, condition_edges, low_threshold: int = 100, high_thresho
         cond = cond[..., 0]
     cond = cond.astype(np.float64) / 255.0
     if gen.shape != cond.shape:
-        raise ValueError(f"edge_nmse: generated image is {gen.shape[0]}x{gen.shape[1]} but condition_edges is "
-                         f"{cond.shape[0]}x{cond.shape[1]}; resize one of them first")
+        raise ValueError(
+            f"edge_nmse: generated image is {gen.shape[0]}x{gen.shape[1]} but condition_edges is "
+            f"{cond.shape[0]}x{cond.shape[1]}; resize one of them first"
+        )
     energy = float(np.mean(cond * cond))
     if energy == 0.0:
         return float("nan")
@@ -107,15 +111,19 @@ def segmentation_iou(pred_mask, true_mask, num_classes: int, ignore_index: int |
     if pred.shape != true.shape:
         raise ValueError(f"segmentation_iou: pred_mask has shape {pred.shape} but true_mask has {true.shape}")
     if not (np.issubdtype(pred.dtype, np.integer) and np.issubdtype(true.dtype, np.integer)):
-        raise ValueError(f"segmentation_iou: masks must hold integer class ids, got {pred.dtype} and {true.dtype}")
+        raise ValueError(
+            f"segmentation_iou: masks must hold integer class ids, got {pred.dtype} and {true.dtype}"
+        )
     if num_classes < 1:
         raise ValueError(f"segmentation_iou: num_classes must be >= 1, got {num_classes}")
     keep = np.ones(true.shape, dtype=bool) if ignore_index is None else true != ignore_index
     pred, true = pred[keep].astype(np.int64), true[keep].astype(np.int64)
     for name, mask in (("pred_mask", pred), ("true_mask", true)):
         if mask.size and (mask.min() < 0 or mask.max() >= num_classes):
-            raise ValueError(f"segmentation_iou: {name} holds ids outside [0, {num_classes}): "
-                             f"min {mask.min()}, max {mask.max()}")
+            raise ValueError(
+                f"segmentation_iou: {name} holds ids outside [0, {num_classes}): "
+                f"min {mask.min()}, max {mask.max()}"
+            )
     if true.size == 0:
         return float("nan")
     # Confusion counts in one bincount: row = true class, column = predicted class.

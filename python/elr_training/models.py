@@ -25,7 +25,9 @@ REQUIRED_FILES = {
     "tokenizer": [("tokenizer_config.json", "vocab.json", "tokenizer.json")],
     "scheduler": [("scheduler_config.json",)],
 }
-DECOMPOSED_MARKER = "elr_decompose.json"  # elr_ext.save_decomposed writes it beside a decomposed UNet (stage 1)
+DECOMPOSED_MARKER = (
+    "elr_decompose.json"  # elr_ext.save_decomposed writes it beside a decomposed UNet (stage 1)
+)
 
 
 @dataclass
@@ -50,14 +52,18 @@ def check_model_folder(folder: str, parts: List[str], flag: str) -> None:
         for alternatives in REQUIRED_FILES[part]:
             if not any(os.path.isfile(os.path.join(folder, part, name)) for name in alternatives):
                 names = " or ".join(os.path.join(folder, part, name) for name in alternatives)
-                raise FileNotFoundError(f"{flag} {folder}: missing {names} (the {part} of a diffusers model folder)")
+                raise FileNotFoundError(
+                    f"{flag} {folder}: missing {names} (the {part} of a diffusers model folder)"
+                )
         if part == "tokenizer":
             tok = os.path.join(folder, "tokenizer")
             if not os.path.isfile(os.path.join(tok, "tokenizer.json")):
                 for name in ("vocab.json", "merges.txt"):
                     if not os.path.isfile(os.path.join(tok, name)):
-                        raise FileNotFoundError(f"{flag} {folder}: missing {os.path.join(tok, name)} "
-                                                f"(a CLIP tokenizer needs vocab.json and merges.txt, or tokenizer.json)")
+                        raise FileNotFoundError(
+                            f"{flag} {folder}: missing {os.path.join(tok, name)} "
+                            f"(a CLIP tokenizer needs vocab.json and merges.txt, or tokenizer.json)"
+                        )
 
 
 def resolve_model_folder(path: str) -> str:
@@ -67,8 +73,11 @@ def resolve_model_folder(path: str) -> str:
     return path
 
 
-def tiny_components(seed: int) -> Components:
-    """The tiny built-in configuration with weights drawn from `seed` (elr_ext.tiny)."""
+def tiny_components(seed: int, **scheduler_overrides) -> Components:
+    """The tiny built-in configuration with weights drawn from `seed` (elr_ext.tiny); the noise
+    schedule's config can be overridden (prediction_type, beta_schedule)."""
+    from diffusers import DDPMScheduler
+
     from elr_ext import tiny
 
     generator_state = torch.random.get_rng_state()
@@ -77,8 +86,17 @@ def tiny_components(seed: int) -> Components:
         unet, text_encoder = tiny.tiny_unet(), tiny.tiny_text_encoder()
     finally:
         torch.random.set_rng_state(generator_state)
-    return Components(unet=unet, text_encoder=text_encoder, tokenizer=tiny.tiny_tokenizer(),
-                      noise_scheduler=tiny.tiny_scheduler("ddpm"), vae=None, source="tiny")
+    return Components(
+        unet=unet,
+        text_encoder=text_encoder,
+        tokenizer=tiny.tiny_tokenizer(),
+        noise_scheduler=DDPMScheduler.from_config(
+            tiny.tiny_scheduler("ddpm").config,
+            **{k: v for k, v in scheduler_overrides.items() if v is not None},
+        ),
+        vae=None,
+        source="tiny",
+    )
 
 
 def load_components(folder: str, flag: str, require_vae: bool = False) -> Components:
@@ -88,7 +106,9 @@ def load_components(folder: str, flag: str, require_vae: bool = False) -> Compon
 
     folder = resolve_model_folder(folder)
     parts = ["unet", "text_encoder", "tokenizer", "scheduler"] + (["vae"] if require_vae else [])
-    check_model_folder(folder, parts if not is_decomposed(folder) else [p for p in parts if p != "unet"], flag)
+    check_model_folder(
+        folder, parts if not is_decomposed(folder) else [p for p in parts if p != "unet"], flag
+    )
     vae = None
     if require_vae or os.path.isdir(os.path.join(folder, "vae")):
         check_model_folder(folder, ["vae"], flag)
@@ -98,7 +118,9 @@ def load_components(folder: str, flag: str, require_vae: bool = False) -> Compon
         text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True),
         tokenizer=AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer"), local_files_only=True),
         noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
-        vae=vae, source=folder)
+        vae=vae,
+        source=folder,
+    )
 
 
 def is_decomposed(folder: str) -> bool:
@@ -125,7 +147,9 @@ def save_model_folder(components: Components, unet: nn.Module, folder: str, deco
         elr_ext.save_decomposed(unet, os.path.join(folder, "unet"))
     else:
         unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
-    unwrap(components.text_encoder).save_pretrained(os.path.join(folder, "text_encoder"), safe_serialization=True)
+    unwrap(components.text_encoder).save_pretrained(
+        os.path.join(folder, "text_encoder"), safe_serialization=True
+    )
     components.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     components.noise_scheduler.save_pretrained(os.path.join(folder, "scheduler"))
     if components.vae is not None:
@@ -148,14 +172,20 @@ def unwrap(module: nn.Module) -> nn.Module:
 @torch.no_grad()
 def encode_prompts(components: Components, captions: List[str], device) -> torch.Tensor:
     """CLIP hidden states of the captions, padded to the tokenizer's max length (as Stable Diffusion)."""
-    tokens = components.tokenizer(captions, padding="max_length", max_length=components.tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt")
+    tokens = components.tokenizer(
+        captions,
+        padding="max_length",
+        max_length=components.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
     return components.text_encoder(tokens.input_ids.to(device))[0]
 
 
 @torch.no_grad()
-def encode_images(components: Components, pixel_values: torch.Tensor,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def encode_images(
+    components: Components, pixel_values: torch.Tensor, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Pixels in [-1, 1] -> what the UNet denoises: VAE latents (scaled, drawn with `generator`) or,
     without a VAE, the pixels."""
     if components.vae is None:

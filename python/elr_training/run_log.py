@@ -71,7 +71,7 @@ def plot_curves(curves: Dict[str, List[tuple]], path: str, title: str = "") -> N
             window = max(len(values) // 20, 5)
             kernel = np.ones(window) / window
             smooth = np.convolve(values, kernel, mode="valid")
-            ax.plot(steps[window - 1:], smooth, lw=1.8, label=f"mean of {window}")
+            ax.plot(steps[window - 1 :], smooth, lw=1.8, label=f"mean of {window}")
         ax.set_title(name)
         ax.set_xlabel("optimiser step")
         positive = [v for v in values if v > 0]
@@ -89,6 +89,7 @@ def plot_curves(curves: Dict[str, List[tuple]], path: str, title: str = "") -> N
 
 def write_json(path: str, values: dict) -> None:
     """JSON with NaN written as null (strict JSON), atomically."""
+
     def clean(v):
         if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
             return None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import os
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from .models import Components, encode_images, encode_prompts, save_model_folder
 
 
 # --------------------------------------------------------------------------- shared pieces
+GRID_ROWS = 8
+
+
 def weight_dtype_of(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
@@ -43,14 +46,18 @@ def noisy_inputs(scheduler, latents: torch.Tensor, generator: torch.Generator):
     so that the draws do not depend on the device)."""
     n = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(latents.device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(
+        latents.device
+    )
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "epsilon":
         target = noise
     elif scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
-        raise ValueError(f"prediction_type {scheduler.config.prediction_type!r} is not supported for training")
+        raise ValueError(
+            f"prediction_type {scheduler.config.prediction_type!r} is not supported for training"
+        )
     return noisy, timesteps, noise, target
 
 
@@ -95,7 +102,7 @@ def condition_to_uint8(conditions: torch.Tensor, types: List[str]) -> np.ndarray
     panels, start = [], 0
     for kind in types:
         c = CONDITION_CHANNELS[kind]
-        part = conditions[:, start:start + c].float().cpu()
+        part = conditions[:, start : start + c].float().cpu()
         start += c
         panels.append(part.expand(-1, 3, -1, -1) if c == 1 else part)
     return to_uint8(torch.cat(panels, dim=3).permute(0, 2, 3, 1).numpy())
@@ -110,8 +117,11 @@ def image_grid(columns: List[np.ndarray], titles: List[str], scale: int = 4) -> 
     height = columns[0].shape[1] * scale
     widths = [c.shape[2] * scale for c in columns]
     pad, title_height = 2, 14
-    grid = Image.new("RGB", (sum(widths) + pad * (len(columns) + 1), title_height + rows * (height + pad) + pad),
-                     (255, 255, 255))
+    grid = Image.new(
+        "RGB",
+        (sum(widths) + pad * (len(columns) + 1), title_height + rows * (height + pad) + pad),
+        (255, 255, 255),
+    )
     draw = ImageDraw.Draw(grid)
     x = pad
     for column, width, title in zip(columns, widths, titles):
@@ -154,8 +164,16 @@ def total_downsampling_of(unet) -> int:
     return 2 ** sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
 
 
-def generate(components: Components, unet, adapter, captions: List[str], condition: torch.Tensor, config,
-             conditioning_scale: float = 1.0, seed: int = 0) -> np.ndarray:
+def generate(
+    components: Components,
+    unet,
+    adapter,
+    captions: List[str],
+    condition: torch.Tensor,
+    config,
+    conditioning_scale: float = 1.0,
+    seed: int = 0,
+) -> np.ndarray:
     """Sample images with ELRControlPipeline (DDIM); uint8 [N, H, W, 3]. One generator per image, so
     that an image depends only on its seed and not on the batch it is in."""
     from diffusers import DDIMScheduler
@@ -166,16 +184,40 @@ def generate(components: Components, unet, adapter, captions: List[str], conditi
     unet = unwrap(unet)
     if adapter is None:
         adapter = _TextToImage(latent_factor_of(components), total_downsampling_of(unet)).to(device)
-    pipeline = ELRControlPipeline(vae=components.vae, text_encoder=components.text_encoder,
-                                  tokenizer=components.tokenizer, unet=unet, adapter=unwrap(adapter),
-                                  scheduler=DDIMScheduler.from_config(components.noise_scheduler.config))
+    pipeline = ELRControlPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=unet,
+        adapter=unwrap(adapter),
+        # pixel space: x0 clipped to the image range at every step, as DDPM
+        # samples; without it the first steps' x0 (error / sqrt(alpha_bar), ~100x)
+        # saturates the image. Latents are not bounded: no clipping there.
+        scheduler=DDIMScheduler.from_config(
+            components.noise_scheduler.config, clip_sample=components.vae is None
+        ),
+    )
     pipeline.set_progress_bar_config(disable=True)
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(captions))]
-    latents = torch.stack([torch.randn((unet.config.in_channels,) + tuple(
-        s // latent_factor_of(components) for s in condition.shape[-2:]), generator=g) for g in generators])
-    images = pipeline(list(captions), condition=condition, num_inference_steps=config.num_inference_steps,
-                      guidance_scale=config.guidance_scale, conditioning_scale=conditioning_scale,
-                      latents=latents.to(device, unet.dtype), output_type="np").images
+    latents = torch.stack(
+        [
+            torch.randn(
+                (unet.config.in_channels,)
+                + tuple(s // latent_factor_of(components) for s in condition.shape[-2:]),
+                generator=g,
+            )
+            for g in generators
+        ]
+    )
+    images = pipeline(
+        list(captions),
+        condition=condition,
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        conditioning_scale=conditioning_scale,
+        latents=latents.to(device, unet.dtype),
+        output_type="np",
+    ).images
     return to_uint8(np.asarray(images))
 
 
@@ -187,8 +229,10 @@ class TeacherStage:
 
     def __init__(self, config, components: Components, device, say):
         if components.source != "tiny":
-            raise ValueError("stage 0 trains the tiny built-in teacher; with --pretrained the pretrained UNet is "
-                             "the teacher: run --stage 1")
+            raise ValueError(
+                "stage 0 trains the tiny built-in teacher; with --pretrained the pretrained UNet is "
+                "the teacher: run --stage 1"
+            )
         self.config, self.components, self.device = config, components, device
         self.unet = components.unet
         self.unet.train()
@@ -209,7 +253,9 @@ class TeacherStage:
         latents = encode_images(self.components, batch["pixel_values"].to(self.device), generator)
         noisy, t, _, target = noisy_inputs(self.components.noise_scheduler, latents, generator)
         prediction = model(noisy, t, encoder_hidden_states=text).sample
-        loss = weighted_mse(prediction, target, timestep_weights(self.config, self.components.noise_scheduler, t))
+        loss = weighted_mse(
+            prediction, target, timestep_weights(self.config, self.components.noise_scheduler, t)
+        )
         return loss, {"loss": loss.item()}
 
     @torch.no_grad()
@@ -217,8 +263,10 @@ class TeacherStage:
         pixels = torch.stack([s["pixel_values"] for s in samples])
         captions = [s["caption"] for s in samples]
         blank = torch.zeros(len(samples), 1, *pixels.shape[-2:], device=self.device)
-        images = generate(self.components, self.unet, None, captions, blank, self.config, seed=self.config.seed)
-        grid = image_grid([pixels_to_uint8(pixels), images], ["data", "teacher"])
+        images = generate(
+            self.components, self.unet, None, captions, blank, self.config, seed=self.config.seed
+        )
+        grid = image_grid([pixels_to_uint8(pixels)[:GRID_ROWS], images[:GRID_ROWS]], ["data", "teacher"])
         return grid, {}
 
     def save(self, folder: str) -> None:
@@ -249,6 +297,7 @@ class FeatureRecorder:
         def hook(module, inputs, output):
             # down blocks return (hidden_states, skip states): the hidden states are the level's output
             self.outputs[(level, index)] = output[0] if isinstance(output, tuple) else output
+
         return hook
 
     def pop(self) -> Dict[Tuple[str, int], torch.Tensor]:
@@ -266,7 +315,9 @@ def level_weights(spec: Dict[str, object], unet) -> Dict[Tuple[str, int], float]
         n = len(blocks[level])
         values = value if isinstance(value, (list, tuple)) else [value] * n
         if len(values) != n:
-            raise ValueError(f"--feature-distillation {level}: {len(values)} weights for {n} {level} block(s)")
+            raise ValueError(
+                f"--feature-distillation {level}: {len(values)} weights for {n} {level} block(s)"
+            )
         for i, w in enumerate(values):
             if float(w) != 0.0:
                 weights[(level, i)] = float(w)
@@ -284,15 +335,19 @@ class DistillStage:
         self.config, self.components, self.device = config, components, device
         self.teacher = components.unet
         self.teacher.requires_grad_(False).eval()
-        policy = {k: getattr(config, k) for k in ("rank", "rank_ratio", "energy", "param_budget")
-                  if getattr(config, k) is not None}
+        policy = {
+            k: getattr(config, k)
+            for k in ("rank", "rank_ratio", "energy", "param_budget")
+            if getattr(config, k) is not None
+        }
         if "param_budget" in policy and policy["param_budget"] < 1:  # a fraction of the teacher's parameters
             policy["param_budget"] = int(policy["param_budget"] * count(self.teacher))
         elif "param_budget" in policy:
             policy["param_budget"] = int(policy["param_budget"])
         self.student = copy.deepcopy(self.teacher)
-        self.report = elr_ext.decompose(self.student, **policy, include=config.decompose_include,
-                                        exclude=config.decompose_exclude)
+        self.report = elr_ext.decompose(
+            self.student, **policy, include=config.decompose_include, exclude=config.decompose_exclude
+        )
         self.student.requires_grad_(True).train()
         say(f"stage 1: student = elr_ext.decompose(copy of teacher, {policy})")
         say(str(self.report))
@@ -326,7 +381,9 @@ class DistillStage:
         scheduler = self.components.noise_scheduler
         noisy, t, _, target = noisy_inputs(scheduler, latents, generator)
         with torch.no_grad():
-            teacher_out = self.teacher(noisy.to(self.teacher.dtype), t, encoder_hidden_states=text.to(self.teacher.dtype)).sample
+            teacher_out = self.teacher(
+                noisy.to(self.teacher.dtype), t, encoder_hidden_states=text.to(self.teacher.dtype)
+            ).sample
         teacher_feats = self.teacher_features.pop() if self.teacher_features else {}
         student_out = model(noisy, t, encoder_hidden_states=text).sample
         student_feats = self.student_features.pop() if self.student_features else {}
@@ -334,8 +391,10 @@ class DistillStage:
         kd = weighted_mse(student_out, teacher_out, weights)
         loss, logs = kd, {"loss_kd": kd.item()}
         if self.feature_weights:
-            feature = sum(w * F.mse_loss(student_feats[key].float(), teacher_feats[key].float())
-                          for key, w in self.feature_weights.items())
+            feature = sum(
+                w * F.mse_loss(student_feats[key].float(), teacher_feats[key].float())
+                for key, w in self.feature_weights.items()
+            )
             loss = loss + feature
             logs["loss_feature"] = float(feature.detach())
         if self.config.task_loss_weight:
@@ -350,8 +409,12 @@ class DistillStage:
         pixels = torch.stack([s["pixel_values"] for s in samples])
         captions = [s["caption"] for s in samples]
         blank = torch.zeros(len(samples), 1, *pixels.shape[-2:], device=self.device)
-        teacher = generate(self.components, self.teacher, None, captions, blank, self.config, seed=self.config.seed)
-        student = generate(self.components, self.student, None, captions, blank, self.config, seed=self.config.seed)
+        teacher = generate(
+            self.components, self.teacher, None, captions, blank, self.config, seed=self.config.seed
+        )
+        student = generate(
+            self.components, self.student, None, captions, blank, self.config, seed=self.config.seed
+        )
         # distillation error on fixed noise and timesteps: comparable from one validation to the next
         g = torch.Generator().manual_seed(self.config.seed)
         text = encode_prompts(self.components, captions, self.device)
@@ -360,13 +423,20 @@ class DistillStage:
         unwrapped = unwrap(self.student)
         was_training = unwrapped.training
         unwrapped.eval()
-        mse = F.mse_loss(unwrapped(noisy, t, encoder_hidden_states=text).sample.float(),
-                         self.teacher(noisy.to(self.teacher.dtype), t, encoder_hidden_states=text.to(self.teacher.dtype)).sample.float())
+        mse = F.mse_loss(
+            unwrapped(noisy, t, encoder_hidden_states=text).sample.float(),
+            self.teacher(
+                noisy.to(self.teacher.dtype), t, encoder_hidden_states=text.to(self.teacher.dtype)
+            ).sample.float(),
+        )
         unwrapped.train(was_training)
         if self.teacher_features:  # the hooks fired during validation too
             self.teacher_features.pop(), self.student_features.pop()
-        image_mse = float(np.mean((teacher.astype(np.float64) - student.astype(np.float64)) ** 2) / 255 ** 2)
-        grid = image_grid([pixels_to_uint8(pixels), teacher, student], ["data", "teacher", "student"])
+        image_mse = float(np.mean((teacher.astype(np.float64) - student.astype(np.float64)) ** 2) / 255**2)
+        grid = image_grid(
+            [pixels_to_uint8(pixels)[:GRID_ROWS], teacher[:GRID_ROWS], student[:GRID_ROWS]],
+            ["data", "teacher", "student"],
+        )
         return grid, {"val/kd_mse": float(mse), "val/teacher_student_image_mse": image_mse}
 
     def save(self, folder: str) -> None:
@@ -387,15 +457,26 @@ class ControlStage:
         self.unet.requires_grad_(False).eval()
         self.types = list(config.condition_types)
         self.adapter = LocalControlAdapter.from_unet(
-            self.unet, condition_channels=[CONDITION_CHANNELS[t] for t in self.types], adapter=config.adapter,
-            terms=config.kron_terms, rank=config.kron_rank, latent_factor=latent_factor_of(components))
+            self.unet,
+            condition_channels=[CONDITION_CHANNELS[t] for t in self.types],
+            adapter=config.adapter,
+            terms=config.kron_terms,
+            rank=config.kron_rank,
+            latent_factor=latent_factor_of(components),
+        )
         self.adapter.train()
-        self.dropout = ConditionDropout(drop_text=config.text_dropout, keep_all=config.keep_all_conditions,
-                                        drop_all=config.drop_all_conditions, drop_each=config.drop_each_condition)
+        self.dropout = ConditionDropout(
+            drop_text=config.text_dropout,
+            keep_all=config.keep_all_conditions,
+            drop_all=config.drop_all_conditions,
+            drop_each=config.drop_each_condition,
+        )
         counts = self.adapter.parameter_counts()
-        say(f"stage 2: LocalControlAdapter ({config.adapter}) on {self.types} "
+        say(
+            f"stage 2: LocalControlAdapter ({config.adapter}) on {self.types} "
             f"({condition_channels(self.types)} condition channels): {counts['trainable']:,} trainable of "
-            f"{counts['total']:,}; backbone {count(self.unet):,} frozen")
+            f"{counts['total']:,}; backbone {count(self.unet):,} frozen"
+        )
         self.parameter_counts = counts
 
     def trained_module(self) -> nn.Module:
@@ -419,9 +500,13 @@ class ControlStage:
         noisy, t, _, target = noisy_inputs(scheduler, latents, generator)
         down, mid = model(noisy, t, text, conditions.to(self.device))
         dtype = self.unet.dtype
-        prediction = self.unet(noisy.to(dtype), t, encoder_hidden_states=text.to(dtype),
-                               down_block_additional_residuals=[r.to(dtype) for r in down],
-                               mid_block_additional_residual=mid.to(dtype)).sample
+        prediction = self.unet(
+            noisy.to(dtype),
+            t,
+            encoder_hidden_states=text.to(dtype),
+            down_block_additional_residuals=[r.to(dtype) for r in down],
+            mid_block_additional_residual=mid.to(dtype),
+        ).sample
         loss = weighted_mse(prediction, target, timestep_weights(self.config, scheduler, t))
         return loss, {"loss": loss.item()}
 
@@ -435,24 +520,38 @@ class ControlStage:
         adapter = unwrap(self.adapter)
         was_training = adapter.training
         adapter.eval()
-        controlled = generate(self.components, self.unet, adapter, captions, conditions, self.config,
-                              self.config.conditioning_scale, seed=self.config.seed)
-        free = generate(self.components, self.unet, adapter, captions, conditions, self.config, 0.0,
-                        seed=self.config.seed)
+        controlled = generate(
+            self.components,
+            self.unet,
+            adapter,
+            captions,
+            conditions,
+            self.config,
+            self.config.conditioning_scale,
+            seed=self.config.seed,
+        )
+        free = generate(
+            self.components, self.unet, adapter, captions, conditions, self.config, 0.0, seed=self.config.seed
+        )
         adapter.train(was_training)
         data = pixels_to_uint8(pixels)
         if "canny" in self.types:
-            start = sum(CONDITION_CHANNELS[t] for t in self.types[:self.types.index("canny")])
+            start = sum(CONDITION_CHANNELS[t] for t in self.types[: self.types.index("canny")])
             edges = [conditions[i, start].cpu().numpy() for i in range(len(samples))]
         else:
             edges = [canny_edges(image) for image in data]
         nmse_control = [edge_nmse(img, e) for img, e in zip(controlled, edges)]
         nmse_free = [edge_nmse(img, e) for img, e in zip(free, edges)]
-        metrics = {"val/edge_nmse_control": float(np.nanmean(nmse_control)),
-                   "val/edge_nmse_no_control": float(np.nanmean(nmse_free)),
-                   "val/edge_nmse_data": float(np.nanmean([edge_nmse(img, e) for img, e in zip(data, edges)]))}
-        grid = image_grid([condition_to_uint8(conditions, self.types), controlled, free, data],
-                          ["condition", "control", "no control", "data"])
+        metrics = {
+            "val/edge_nmse_control": float(np.nanmean(nmse_control)),
+            "val/edge_nmse_no_control": float(np.nanmean(nmse_free)),
+            "val/edge_nmse_data": float(np.nanmean([edge_nmse(img, e) for img, e in zip(data, edges)])),
+        }
+        rows = slice(0, GRID_ROWS)  # the metrics use every validation sample, the picture the first few
+        grid = image_grid(
+            [condition_to_uint8(conditions[rows], self.types), controlled[rows], free[rows], data[rows]],
+            ["condition", "control", "no control", "data"],
+        )
         return grid, metrics
 
     def save(self, folder: str) -> None:
@@ -461,8 +560,15 @@ class ControlStage:
         os.makedirs(folder, exist_ok=True)
         unwrap(self.adapter).save_pretrained(os.path.join(folder, "adapter"), safe_serialization=True)
         with open(os.path.join(folder, "control.json"), "w") as f:
-            json.dump({"backbone": self.components.source, "condition_types": self.types,
-                       "adapter": self.config.adapter}, f, indent=2)
+            json.dump(
+                {
+                    "backbone": self.components.source,
+                    "condition_types": self.types,
+                    "adapter": self.config.adapter,
+                },
+                f,
+                indent=2,
+            )
 
 
 STAGES = {0: TeacherStage, 1: DistillStage, 2: ControlStage}

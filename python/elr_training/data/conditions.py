@@ -66,7 +66,9 @@ def xdog_map(image: np.ndarray, sigma=0.8, k=1.6, p=20.0, eps=0.1, phi=10.0) -> 
     import cv2
 
     grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
-    sharpened = (1 + p) * cv2.GaussianBlur(grey, (0, 0), sigma) - p * cv2.GaussianBlur(grey, (0, 0), sigma * k)
+    sharpened = (1 + p) * cv2.GaussianBlur(grey, (0, 0), sigma) - p * cv2.GaussianBlur(
+        grey, (0, 0), sigma * k
+    )
     tone = np.where(sharpened >= eps, 1.0, 1.0 + np.tanh(phi * (sharpened - eps)))
     return (1.0 - tone).astype(np.float32)[None]
 
@@ -103,7 +105,9 @@ class SegmentationModel:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         inputs = self.processor(images=image, return_tensors="pt")
         logits = self.model(**inputs).logits
-        logits = torch.nn.functional.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)
+        logits = torch.nn.functional.interpolate(
+            logits, size=image.shape[:2], mode="bilinear", align_corners=False
+        )
         return self.palette[logits.argmax(1)[0].numpy()]
 
 
@@ -131,7 +135,9 @@ class ConditionMaker:
                 maps.append(xdog_map(image, s.xdog_sigma, s.xdog_k, s.xdog_p, s.xdog_eps, s.xdog_phi))
             elif kind == "seg":
                 if s.segmentation_model is None:
-                    raise MissingCondition("this sample has no segmentation map and no --segmentation-model was given")
+                    raise MissingCondition(
+                        "this sample has no segmentation map and no --segmentation-model was given"
+                    )
                 if self._segmenter is None:
                     self._segmenter = SegmentationModel(s.segmentation_model)
                 maps.append(given_map("seg", self._segmenter(image)))
@@ -161,8 +167,9 @@ class ConditionDropout:
         if self.keep_all + self.drop_all > 1.0:
             raise ValueError(f"keep_all + drop_all must be <= 1, got {self.keep_all} + {self.drop_all}")
 
-    def __call__(self, captions: list, conditions: torch.Tensor, types: Sequence[str],
-                 generator: torch.Generator):
+    def __call__(
+        self, captions: list, conditions: torch.Tensor, types: Sequence[str], generator: torch.Generator
+    ):
         """Returns (captions, conditions) with dropout applied per sample. `generator` makes the draws
         reproducible (the training loop seeds it from the step, so a resumed run draws the same)."""
         n = len(captions)
@@ -174,5 +181,7 @@ class ConditionDropout:
         each = u_mode >= self.keep_all + self.drop_all
         keep[drop_all] = False
         keep[each] = u_each[each] >= self.drop_each
-        channel_keep = torch.cat([keep[:, i:i + 1].expand(n, CONDITION_CHANNELS[t]) for i, t in enumerate(types)], 1)
+        channel_keep = torch.cat(
+            [keep[:, i : i + 1].expand(n, CONDITION_CHANNELS[t]) for i, t in enumerate(types)], 1
+        )
         return captions, conditions * channel_keep[:, :, None, None].to(conditions.dtype)

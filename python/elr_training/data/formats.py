@@ -51,7 +51,11 @@ class Skipped:
 
 
 class CorruptImage(ValueError):
-    pass
+    """An image that does not decode; `where` names the file (or shard member)."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}")
+        self.where = where
 
 
 def read_image(source, where: str = "") -> np.ndarray:
@@ -61,7 +65,7 @@ def read_image(source, where: str = "") -> np.ndarray:
             image.load()  # decode now: a truncated file fails here, not later in a worker
             return np.asarray(image.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise CorruptImage(f"{where or source}: {type(error).__name__}: {error}") from error
+        raise CorruptImage(str(where or source), f"{type(error).__name__}: {error}") from error
 
 
 def read_map(source, where: str = "") -> np.ndarray:
@@ -71,7 +75,7 @@ def read_map(source, where: str = "") -> np.ndarray:
             image.load()
             return np.asarray(image.convert("L" if image.mode in ("1", "L", "I", "F") else "RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise CorruptImage(f"{where or source}: {type(error).__name__}: {error}") from error
+        raise CorruptImage(str(where or source), f"{type(error).__name__}: {error}") from error
 
 
 def resize_and_crop(image: np.ndarray, resolution: int, nearest: bool = False) -> np.ndarray:
@@ -84,7 +88,7 @@ def resize_and_crop(image: np.ndarray, resolution: int, nearest: bool = False) -
         image = np.asarray(Image.fromarray(image).resize(size, resample))
         h, w = image.shape[:2]
     top, left = (h - resolution) // 2, (w - resolution) // 2
-    return image[top:top + resolution, left:left + resolution]
+    return image[top : top + resolution, left : left + resolution]
 
 
 class SampleTransform:
@@ -96,14 +100,26 @@ class SampleTransform:
 
     def __call__(self, raw: dict) -> dict:
         image = np.array(resize_and_crop(raw["image"], self.resolution))  # a writable copy
-        sample = {"pixel_values": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0),
-                  "caption": raw["caption"], "key": raw.get("key", "")}
+        sample = {
+            "pixel_values": torch.from_numpy(np.ascontiguousarray(image))
+            .permute(2, 0, 1)
+            .float()
+            .div(127.5)
+            .sub(1.0),
+            "caption": raw["caption"],
+            "key": raw.get("key", ""),
+        }
         if self.conditions is not None:
-            given = {kind: resize_and_crop(m, self.resolution, nearest=(kind == "seg"))
-                     for kind, m in raw.get("conditions_given", {}).items() if kind in self.conditions.types}
+            given = {
+                kind: resize_and_crop(m, self.resolution, nearest=(kind == "seg"))
+                for kind, m in raw.get("conditions_given", {}).items()
+                if kind in self.conditions.types
+            }
             sample["conditions"] = torch.from_numpy(self.conditions(image, given))
         if "mask" in raw:
-            sample["mask"] = torch.from_numpy(resize_and_crop(raw["mask"], self.resolution, nearest=True).astype(np.int64))
+            sample["mask"] = torch.from_numpy(
+                resize_and_crop(raw["mask"], self.resolution, nearest=True).astype(np.int64)
+            )
         return sample
 
 
@@ -121,7 +137,7 @@ class TransformedDataset(Dataset):
             raw = self.raw[index]
             return raw if isinstance(raw, Skipped) else self.transform(raw)
         except (CorruptImage, MissingCondition) as error:
-            return Skipped("image", f"sample {index}", str(error))
+            return Skipped("image", getattr(error, "where", f"sample {index}"), str(error))
 
 
 class UniControlNetFolder(Dataset):
@@ -130,7 +146,9 @@ class UniControlNetFolder(Dataset):
     def __init__(self, root: str, condition_types: Sequence[str] = ()):
         anno = os.path.join(root, "anno.txt")
         if not os.path.isfile(anno):
-            raise FileNotFoundError(f"Uni-ControlNet data set {root}: missing {anno} ('<id>\\t<caption>' per line)")
+            raise FileNotFoundError(
+                f"Uni-ControlNet data set {root}: missing {anno} ('<id>\\t<caption>' per line)"
+            )
         self.root, self.condition_types = root, list(condition_types)
         self.items = []
         with open(anno, encoding="utf-8") as f:
@@ -184,7 +202,9 @@ class ImageFolderMetadata(Dataset):
                 row = json.loads(line)
                 for key in ("file_name", caption_column):
                     if key not in row:
-                        raise ValueError(f"{metadata}:{line_number}: no {key!r} field (fields: {sorted(row)})")
+                        raise ValueError(
+                            f"{metadata}:{line_number}: no {key!r} field (fields: {sorted(row)})"
+                        )
                 self.rows.append(row)
 
     def __len__(self) -> int:
@@ -193,10 +213,17 @@ class ImageFolderMetadata(Dataset):
     def __getitem__(self, index: int):
         row = self.rows[index]
         path = os.path.join(self.folder, row["file_name"])
-        given = {kind: read_map(os.path.join(self.folder, row[f"{kind}_file_name"]))
-                 for kind in self.condition_types if row.get(f"{kind}_file_name")}
-        return {"image": read_image(path), "caption": str(row[self.caption_column]), "conditions_given": given,
-                "key": row["file_name"]}
+        given = {
+            kind: read_map(os.path.join(self.folder, row[f"{kind}_file_name"]))
+            for kind in self.condition_types
+            if row.get(f"{kind}_file_name")
+        }
+        return {
+            "image": read_image(path),
+            "caption": str(row[self.caption_column]),
+            "conditions_given": given,
+            "key": row["file_name"],
+        }
 
 
 def list_shards(spec: str) -> List[str]:
@@ -223,21 +250,30 @@ class WebDatasetShards(IterableDataset):
     Resuming: `start(epoch, items_to_skip_per_worker)` makes the next pass skip what each worker had
     already produced (markers included), so a resumed run continues at the same sample."""
 
-    def __init__(self, spec: str, transform: SampleTransform, condition_types: Sequence[str] = (),
-                 rank: int = 0, world_size: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        spec: str,
+        transform: SampleTransform,
+        condition_types: Sequence[str] = (),
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ):
         self.shards = list_shards(spec)
         self.transform, self.condition_types = transform, list(condition_types)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch, self.skip_per_worker = 0, {}
         if len(self.shards) < world_size:
-            raise ValueError(f"webdataset: {len(self.shards)} shard(s) cannot be split over {world_size} processes")
+            raise ValueError(
+                f"webdataset: {len(self.shards)} shard(s) cannot be split over {world_size} processes"
+            )
 
     def start(self, epoch: int, skip_per_worker: Optional[dict] = None) -> None:
         self.epoch, self.skip_per_worker = epoch, dict(skip_per_worker or {})
 
     def _my_shards(self) -> tuple:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
-        mine = [self.shards[i] for i in order[self.rank::self.world_size]]
+        mine = [self.shards[i] for i in order[self.rank :: self.world_size]]
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         return worker, mine[worker::workers]
@@ -281,14 +317,20 @@ class WebDatasetShards(IterableDataset):
         if image_suffix is None:
             return Skipped("image", where, f"no image member (members: {sorted(group)})")
         try:
-            given = {kind: read_map(group[f"{kind}.png"], f"{where}.{kind}.png")
-                     for kind in self.condition_types if f"{kind}.png" in group}
-            raw = {"image": read_image(group[image_suffix], f"{where}.{image_suffix}"),
-                   "caption": group.get("txt", b"").decode("utf-8", errors="replace").strip(),
-                   "conditions_given": given, "key": where}
+            given = {
+                kind: read_map(group[f"{kind}.png"], f"{where}.{kind}.png")
+                for kind in self.condition_types
+                if f"{kind}.png" in group
+            }
+            raw = {
+                "image": read_image(group[image_suffix], f"{where}.{image_suffix}"),
+                "caption": group.get("txt", b"").decode("utf-8", errors="replace").strip(),
+                "conditions_given": given,
+                "key": where,
+            }
             return self.transform(raw)
         except (CorruptImage, MissingCondition) as error:
-            return Skipped("image", where, str(error))
+            return Skipped("image", getattr(error, "where", where), str(error))
 
 
 class ShardedShuffleSampler(Sampler):
@@ -297,11 +339,19 @@ class ShardedShuffleSampler(Sampler):
     world_size-th index from `rank`. `start(epoch, batches_to_skip)` resumes inside an epoch."""
 
     def __init__(self, length: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0):
-        self.length, self.batch_size, self.rank, self.world_size, self.seed = length, batch_size, rank, world_size, seed
+        self.length, self.batch_size, self.rank, self.world_size, self.seed = (
+            length,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+        )
         self.batches_per_epoch = length // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"data set of {length} samples is smaller than one global batch "
-                             f"({batch_size} x {world_size} processes)")
+            raise ValueError(
+                f"data set of {length} samples is smaller than one global batch "
+                f"({batch_size} x {world_size} processes)"
+            )
         self.epoch, self.skip = 0, 0
 
     def start(self, epoch: int, batches_to_skip: int = 0) -> None:
@@ -312,8 +362,10 @@ class ShardedShuffleSampler(Sampler):
 
     def __iter__(self):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.length)
-        order = order[:self.batches_per_epoch * self.batch_size * self.world_size][self.rank::self.world_size]
-        return iter(order[self.skip * self.batch_size:].tolist())
+        order = order[: self.batches_per_epoch * self.batch_size * self.world_size][
+            self.rank :: self.world_size
+        ]
+        return iter(order[self.skip * self.batch_size :].tolist())
 
 
 def collate(items: list) -> dict:

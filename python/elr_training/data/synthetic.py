@@ -25,11 +25,20 @@ SHAPE_KINDS = ("circle", "square", "triangle", "cross")
 NUM_CLASSES = 1 + len(SHAPE_KINDS)  # background + one class per kind
 
 COLOURS = {
-    "red": (220, 30, 30), "green": (40, 180, 60), "blue": (40, 70, 230), "yellow": (245, 220, 40),
-    "orange": (250, 140, 20), "purple": (140, 50, 180), "pink": (250, 150, 200), "white": (250, 250, 250),
+    "red": (220, 30, 30),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 230),
+    "yellow": (245, 220, 40),
+    "orange": (250, 140, 20),
+    "purple": (140, 50, 180),
+    "pink": (250, 150, 200),
+    "white": (250, 250, 250),
 }
 BACKGROUNDS = {
-    "black": (10, 10, 10), "white": (245, 245, 245), "gray": (128, 128, 128), "dark blue": (20, 30, 90),
+    "black": (10, 10, 10),
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+    "dark blue": (20, 30, 90),
     "light green": (170, 230, 170),
 }
 # The words "dark blue" and "light green" are two caption words each, both in the tiny vocabulary.
@@ -121,5 +130,10 @@ class SyntheticScenes(Dataset):
         if not 0 <= index < self.size:
             raise IndexError(index)
         image, mask, caption = render_scene(self.seed, index, self.resolution, self.max_shapes)
-        return {"image": image, "caption": caption, "mask": mask, "conditions_given": {"seg": colourise_mask(mask)},
-                "key": f"synthetic-{self.seed}-{index}"}
+        return {
+            "image": image,
+            "caption": caption,
+            "mask": mask,
+            "conditions_given": {"seg": colourise_mask(mask)},
+            "key": f"synthetic-{self.seed}-{index}",
+        }
