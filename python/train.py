@@ -480,9 +480,8 @@ def summary_line(metrics: dict) -> str:
 def summarise_chain(output_dir: str, earlier: dict, final: dict, wall_time: float) -> None:
     """The chained default's run folder also gets the metrics and loss curves of all three stages."""
     curves = {
-        f"{name} {key}": points
+        f"{name} train/loss": metrics["loss_history"].get("train/loss", [])
         for name, metrics in list(earlier.items()) + [("stage2", final)]
-        for key, points in metrics["loss_history"].items()
     }
     plot_curves(curves, os.path.join(output_dir, "loss_curves.png"), title="stages 0, 1, 2")
     drop = ("config", "loss_history")

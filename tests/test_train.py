@@ -121,6 +121,25 @@ def test_stage1_feature_distillation_and_min_snr(tmp_path, teacher):
     history = metrics["loss_history"]
     assert {"train/loss", "train/loss_kd", "train/loss_feature", "train/loss_task"} <= set(history)
     assert all(v > 0 for _, v in history["train/loss_feature"])
+    # Table 1's "decomposed U-Net w/o distillation": the plain diffusion loss alone
+    plain = run(
+        1,
+        tmp_path / "plain",
+        "--teacher",
+        str(teacher[0]),
+        "--kd-weight",
+        "0",
+        "--task-loss-weight",
+        "1",
+        steps=2,
+        lr=1e-3,
+    )
+    assert all(
+        a == b
+        for (_, a), (_, b) in zip(
+            plain["loss_history"]["train/loss"], plain["loss_history"]["train/loss_task"]
+        )
+    )
 
 
 def test_stage2_control_loss_falls_and_reports_edge_nmse(tmp_path, student):

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .models import unwrap
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -83,7 +85,7 @@ def save_checkpoint(
     if deepspeed:
         accelerator.save_state(os.path.join(tmp, "deepspeed"))
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = unwrap(model)
         save_file(trained_state(unwrapped, trained_names), os.path.join(tmp, "model.safetensors"))
         if not deepspeed:
             torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
@@ -113,7 +115,7 @@ def load_checkpoint(accelerator, path: str, model, optimizer, lr_scheduler) -> d
             f"note: {path} was written by {state.get('num_processes')} process(es), resuming with "
             f"{accelerator.num_processes}: the data order after this point differs from an unbroken run"
         )
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(model)
     weights = load_file(os.path.join(path, "model.safetensors"))
     params = dict(unwrapped.named_parameters())
     missing = sorted(set(weights) - set(params))

@@ -2,7 +2,7 @@
 
     stage 0  TeacherStage   the tiny teacher UNet trained from scratch (built-in default only)
     stage 1  DistillStage   student = elr_ext.decompose(copy of the frozen teacher);
-                            L = w(lambda_t) ||eps_teacher - eps_student||^2 (eq. 3)
+                            L = kd_weight w(lambda_t) ||eps_teacher - eps_student||^2 (eq. 3; kd_weight 1)
                                 + sum_level w_level ||F_teacher - F_student||^2 (optional, block outputs)
                                 + task_weight ||eps - eps_student||^2            (optional, default 0)
     stage 2  ControlStage   frozen backbone + LocalControlAdapter (kron: ELR; full: Uni-ControlNet);
@@ -389,7 +389,7 @@ class DistillStage:
         student_feats = self.student_features.pop() if self.student_features else {}
         weights = timestep_weights(self.config, scheduler, t)
         kd = weighted_mse(student_out, teacher_out, weights)
-        loss, logs = kd, {"loss_kd": kd.item()}
+        loss, logs = self.config.kd_weight * kd, {"loss_kd": kd.item()}
         if self.feature_weights:
             feature = sum(
                 w * F.mse_loss(student_feats[key].float(), teacher_feats[key].float())
