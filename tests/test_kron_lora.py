@@ -163,7 +163,8 @@ def test_rank_space_products_are_saved_only_on_request(backend, factors, saves):
     ref = [x.detach().double().requires_grad_()] + [t.detach().double().requires_grad_() for t in (A, U, V)]
     ref_grads = torch.autograd.grad(dense_reference(*ref, None, None, 1.0).square().sum(), ref)
     for g, g64 in zip(grads, ref_grads):
-        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5)
+        # fp32 against fp64: absolute tolerance at the gradient's scale (small entries are sums of large terms)
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5 * (1 + g64.abs().max().item()))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
