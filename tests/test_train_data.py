@@ -317,3 +317,39 @@ def test_training_on_shards_counts_skipped_data(tmp_path):
     )
     assert (metrics["skipped_images"], metrics["skipped_shards"]) == (1, 1)
     assert metrics["global_step"] == 3  # 4 readable samples + 2 markers in batches of 2
+
+
+def test_segmentation_from_a_local_model_or_skipped_without_one(tmp_path):
+    """Images without a given mask: a segmentation model the user points to predicts one (colour-coded
+    by its class ids); without a model the sample is skipped and counted, not a crash."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    from elr_training.data.conditions import ConditionSettings
+
+    model_dir = tmp_path / "segformer"
+    config = SegformerConfig(
+        num_encoder_blocks=1,
+        depths=[1],
+        sr_ratios=[1],
+        hidden_sizes=[8],
+        patch_sizes=[3],
+        strides=[2],
+        num_attention_heads=[1],
+        mlp_ratios=[2],
+        decoder_hidden_size=8,
+        num_labels=5,
+    )
+    SegformerForSemanticSegmentation(config).save_pretrained(model_dir)
+    SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(model_dir)
+    image, _, _ = render_scene(0, 0, 32)
+    maker = ConditionMaker(["seg"], ConditionSettings(segmentation_model=str(model_dir)))
+    seg = maker(image, {})
+    assert seg.shape == (3, 32, 32) and 0.0 <= seg.min() and seg.max() <= 1.0
+    palette = {tuple(c) for c in maker._segmenter.palette.astype(np.float32) / 255}
+    assert all(tuple(seg[:, y, x]) in palette for y in range(0, 32, 7) for x in range(0, 32, 7))
+
+    _write_imagefolder(tmp_path / "folder", _scenes(2))
+    data = build_training_data(_config(data=str(tmp_path / "folder")), ConditionMaker(["seg"]))
+    samples, skipped = _drain(data)
+    assert samples == [] and len(skipped) == 3  # 2 without a mask or a model, 1 corrupt
+    assert sum("no --segmentation-model" in s.reason for s in skipped) == 2
