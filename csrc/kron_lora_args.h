@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <optional>
 
 #include "kernels/kron_lora_common.h"
@@ -108,6 +109,65 @@ inline void kron_check_backward(const char* op, const KronShape& s, const at::Te
 inline void kron_check_delta_grad(const char* op, const KronShape& s, const at::Tensor& grad, const at::Tensor& A) {
   kron_check_sizes(op, "grad", grad, {s.d_out(), s.d_in()}, "[a1 * b1, a2 * b2], kron_delta's output");
   kron_check_like(op, "grad", grad, "A", A);
+}
+
+// The outputs of kron_lora_forward, allocated the same way by every wrapper. y starts as the base
+// product (addmm(bias, x, W^T), or bias alone) that the kernel then adds the Kronecker term onto in
+// place (accumulate), or uninitialised when there is no base (the kernel writes it). tmat / smat
+// are [0, ...] when autograd does not keep them.
+struct KronForwardOutputs {
+  at::Tensor y, tmat, smat;
+  bool accumulate;
+};
+inline KronForwardOutputs kron_forward_outputs(const KronShape& s, const at::Tensor& x,
+                                               const std::optional<at::Tensor>& weight,
+                                               const std::optional<at::Tensor>& bias, bool save_intermediates) {
+  KronForwardOutputs out;
+  out.accumulate = true;
+  if (kron_has(weight)) {
+    out.y = kron_has(bias) ? at::addmm(*bias, x, weight->t()) : at::mm(x, weight->t());
+    if (!out.y.is_contiguous()) out.y = out.y.contiguous();
+  } else if (kron_has(bias)) {
+    // clone, not contiguous(): for M == 1 the expanded bias already counts as contiguous, and y
+    // (written in place) would alias the caller's bias.
+    out.y = bias->expand({s.M, s.d_out()}).clone(at::MemoryFormat::Contiguous);
+  } else {
+    out.y = at::empty({s.M, s.d_out()}, x.options());
+    out.accumulate = false;
+  }
+  out.tmat = at::empty({save_intermediates ? s.M : 0, s.a2, s.rank_cols()}, x.options());
+  out.smat = at::empty({save_intermediates ? s.M : 0, s.a1, s.rank_cols()}, x.options());
+  return out;
+}
+
+// The gradients of kron_lora_backward that output_mask asks for (undefined otherwise). dx starts as
+// the base gradient grad_y W (accumulate_dx) when there is a base weight; dweight and dbias are
+// complete here (plain BLAS products); dA, dU, dV are left for the kernel.
+struct KronBackwardOutputs {
+  at::Tensor dx, dA, dU, dV, dweight, dbias;
+  bool accumulate_dx;
+};
+inline KronBackwardOutputs kron_backward_outputs(const KronShape& s, const at::Tensor& grad_y, const at::Tensor& x,
+                                                 const std::optional<at::Tensor>& weight,
+                                                 const std::array<bool, 6>& output_mask) {
+  const auto opts = x.options();
+  KronBackwardOutputs g;
+  g.accumulate_dx = false;
+  if (output_mask[0]) {
+    if (kron_has(weight)) {
+      g.dx = at::mm(grad_y, *weight);
+      if (!g.dx.is_contiguous()) g.dx = g.dx.contiguous();
+      g.accumulate_dx = true;
+    } else {
+      g.dx = at::empty({s.M, s.d_in()}, opts);
+    }
+  }
+  if (output_mask[1]) g.dA = at::empty({s.T, s.a1, s.a2}, opts);
+  if (output_mask[2]) g.dU = at::empty({s.T, s.b1, s.r}, opts);
+  if (output_mask[3]) g.dV = at::empty({s.T, s.r, s.b2}, opts);
+  if (output_mask[4]) g.dweight = at::mm(grad_y.t(), x);
+  if (output_mask[5]) g.dbias = grad_y.sum(0);
+  return g;
 }
 
 }  // namespace elr

@@ -9,24 +9,12 @@
 #include <optional>
 #include <tuple>
 
+#include "aten_wrapper_util.h"
 #include "fdn_args.h"
 #include "kernels/fdn.h"
 
 namespace elr {
 namespace {
-
-// at::parallel_for over the kernel's work units (groups or row blocks), with a grain that gives
-// each task at least at::internal::GRAIN_SIZE elements so small calls stay on one thread.
-struct AtenParallelFor {
-  int64_t numel;
-  template <typename Fn>
-  void operator()(int64_t total, const Fn& fn) const {
-    if (total <= 0) return;
-    const int64_t per_unit = std::max<int64_t>(1, numel / total);
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / per_unit);
-    at::parallel_for(0, total, grain, fn);
-  }
-};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fdn_forward_cpu_op(const at::Tensor& z, const at::Tensor& gamma,
                                                                   const at::Tensor& beta, int64_t num_groups,

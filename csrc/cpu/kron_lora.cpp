@@ -17,34 +17,12 @@
 #include <optional>
 #include <tuple>
 
+#include "aten_wrapper_util.h"
 #include "kernels/kron_lora.h"
 #include "kron_lora_args.h"
 
 namespace elr {
 namespace {
-
-// at::parallel_for over a kernel's work units, with a grain that gives each task at least
-// at::internal::GRAIN_SIZE of the op's `numel` values so small calls stay on one thread.
-struct AtenParallelFor {
-  int64_t numel;
-  template <typename Fn>
-  void operator()(int64_t total, const Fn& fn) const {
-    if (total <= 0) return;
-    const int64_t per_unit = std::max<int64_t>(1, numel / total);
-    const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / per_unit);
-    at::parallel_for(0, total, grain, fn);
-  }
-};
-
-// nullptr for an undefined or empty tensor (an absent optional input or output).
-template <typename T>
-const T* cptr(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? t.const_data_ptr<T>() : nullptr;
-}
-template <typename T>
-T* mptr(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? t.mutable_data_ptr<T>() : nullptr;
-}
 
 // ---- Ops ----------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_lora_forward_cpu_op(
@@ -57,22 +35,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_lora_forward_cpu_op(
   const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
 
   // The base product first; the Kronecker term is then added onto it in place.
-  at::Tensor y;
-  bool accumulate = true;
-  if (kron_has(weight)) {
-    y = kron_has(bias) ? at::addmm(*bias, x, weight->t()) : at::mm(x, weight->t());
-    if (!y.is_contiguous()) y = y.contiguous();
-  } else if (kron_has(bias)) {
-    // clone, not contiguous(): for M == 1 the expanded bias already counts as contiguous, and y
-    // (written in place below) would alias the caller's bias.
-    y = bias->expand({s.M, s.d_out()}).clone(at::MemoryFormat::Contiguous);
-  } else {
-    y = at::empty({s.M, s.d_out()}, x.options());
-    accumulate = false;
-  }
-  const int64_t R = s.rank_cols();
-  at::Tensor tmat = at::empty({save_intermediates ? s.M : 0, s.a2, R}, x.options());
-  at::Tensor smat = at::empty({save_intermediates ? s.M : 0, s.a1, R}, x.options());
+  KronForwardOutputs out = kron_forward_outputs(s, x, weight, bias, save_intermediates);
+  at::Tensor &y = out.y, &tmat = out.tmat, &smat = out.smat;
+  const bool accumulate = out.accumulate;
   if (s.M == 0) return {y, tmat, smat};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kron_lora_forward_cpu", [&] {
@@ -93,24 +58,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   kron_check_backward(op, s, x_in, grad_y_in, tmat_in, smat_in);
   const at::Tensor gy = grad_y_in.contiguous(), x = x_in.contiguous();
   const at::Tensor A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
-  const auto opts = x.options();
-
-  at::Tensor dx, dA, dU, dV, dweight, dbias;
-  bool accumulate_dx = false;
-  if (output_mask[0]) {
-    if (kron_has(weight)) {
-      dx = at::mm(gy, *weight);  // the base gradient; the Kronecker part is added in place
-      if (!dx.is_contiguous()) dx = dx.contiguous();
-      accumulate_dx = true;
-    } else {
-      dx = at::empty({s.M, s.d_in()}, opts);
-    }
-  }
-  if (output_mask[1]) dA = at::empty({s.T, s.a1, s.a2}, opts);
-  if (output_mask[2]) dU = at::empty({s.T, s.b1, s.r}, opts);
-  if (output_mask[3]) dV = at::empty({s.T, s.r, s.b2}, opts);
-  if (output_mask[4]) dweight = at::mm(gy.t(), x);
-  if (output_mask[5]) dbias = gy.sum(0);
+  // dx starts as the base gradient; the Kronecker part is added in place.
+  KronBackwardOutputs g = kron_backward_outputs(s, gy, x, weight, output_mask);
+  at::Tensor &dx = g.dx, &dA = g.dA, &dU = g.dU, &dV = g.dV, &dweight = g.dweight, &dbias = g.dbias;
+  const bool accumulate_dx = g.accumulate_dx;
   if (!dx.defined() && !dA.defined() && !dU.defined() && !dV.defined()) return {dx, dA, dU, dV, dweight, dbias};
   // (M == 0: the kernel zeroes dA, dU, dV, the sums over no tokens.)
   const at::Tensor tmat = kron_has_intermediate(tmat_in) ? tmat_in.contiguous() : at::Tensor();

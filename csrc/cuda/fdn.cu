@@ -16,34 +16,13 @@
 #include <optional>
 #include <tuple>
 
+#include "aten_wrapper_util.h"
+#include "cuda/cuda_type.h"
 #include "fdn_args.h"
 #include "kernels/fdn.cuh"
 
 namespace elr {
 namespace {
-
-// at::Half / at::BFloat16 have the bit layout of the CUDA types the kernels take.
-template <typename scalar_t>
-struct CudaType {
-  using type = scalar_t;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-template <typename T>
-const T* cptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
-}
-template <typename T>
-T* mptr(const at::Tensor& t) {
-  return t.defined() ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
-}
 
 // The CUDA-only checks; the shape/dtype/device checks shared with the CPU wrapper are in fdn_args.h
 // (an unsupported dtype is reported by AT_DISPATCH).

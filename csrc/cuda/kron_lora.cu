@@ -19,35 +19,13 @@
 #include <optional>
 #include <tuple>
 
+#include "aten_wrapper_util.h"
+#include "cuda/cuda_type.h"
 #include "kernels/kron_lora.cuh"
 #include "kron_lora_args.h"
 
 namespace elr {
 namespace {
-
-// at::Half / at::BFloat16 have the bit layout of the CUDA types the kernels take.
-template <typename scalar_t>
-struct CudaType {
-  using type = scalar_t;
-};
-template <>
-struct CudaType<at::Half> {
-  using type = __half;
-};
-template <>
-struct CudaType<at::BFloat16> {
-  using type = __nv_bfloat16;
-};
-
-// nullptr for an undefined or empty tensor (an absent optional input or output).
-template <typename T>
-const T* cptr(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr;
-}
-template <typename T>
-T* mptr(const at::Tensor& t) {
-  return t.defined() && t.numel() > 0 ? reinterpret_cast<T*>(t.mutable_data_ptr()) : nullptr;
-}
 
 // The CUDA-only checks; shapes, dtypes and devices are checked in kron_lora_args.h.
 void check_cuda_input(const char* op, const char* name, const at::Tensor& t) {
@@ -149,21 +127,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_lora_forward_cuda_op(
   const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
 
   // The base product first (cuBLAS); the Kronecker term is then added onto it in place.
-  at::Tensor y;
-  bool accumulate = true;
-  if (kron_has(weight)) {
-    y = kron_has(bias) ? at::addmm(*bias, x, weight->t()) : at::mm(x, weight->t());
-    if (!y.is_contiguous()) y = y.contiguous();
-  } else if (kron_has(bias)) {
-    // clone, not contiguous(): for M == 1 the expanded bias counts as contiguous and would be written in place
-    y = bias->expand({s.M, s.d_out()}).clone(at::MemoryFormat::Contiguous);
-  } else {
-    y = at::empty({s.M, s.d_out()}, x.options());
-    accumulate = false;
-  }
-  const int64_t R = s.rank_cols();
-  at::Tensor tmat = at::empty({save_intermediates ? s.M : 0, s.a2, R}, x.options());
-  at::Tensor smat = at::empty({save_intermediates ? s.M : 0, s.a1, R}, x.options());
+  KronForwardOutputs out = kron_forward_outputs(s, x, weight, bias, save_intermediates);
+  at::Tensor &y = out.y, &tmat = out.tmat, &smat = out.smat;
+  const bool accumulate = out.accumulate;
   if (s.M == 0) return {y, tmat, smat};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -176,8 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_lora_forward_cuda_op(
     } else {
       auto [t, sm] = gemm_forward<T>(s, x, A, U, V, y, accumulate, scale, stream);
       if (save_intermediates) {
-        tmat = t.view({s.M, s.a2, R});
-        smat = sm.view({s.M, s.a1, R});
+        tmat = t.view({s.M, s.a2, s.rank_cols()});
+        smat = sm.view({s.M, s.a1, s.rank_cols()});
       }
     }
   });
@@ -196,24 +162,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor gy = grad_y_in.contiguous(), x = x_in.contiguous();
   const at::Tensor A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
-  const auto opts = x.options();
-
-  at::Tensor dx, dA, dU, dV, dweight, dbias;
-  bool accumulate_dx = false;
-  if (output_mask[0]) {
-    if (kron_has(weight)) {
-      dx = at::mm(gy, *weight);  // the base gradient; the Kronecker part is added in place
-      if (!dx.is_contiguous()) dx = dx.contiguous();
-      accumulate_dx = true;
-    } else {
-      dx = at::empty({s.M, s.d_in()}, opts);
-    }
-  }
-  if (output_mask[1]) dA = at::empty({s.T, s.a1, s.a2}, opts);
-  if (output_mask[2]) dU = at::empty({s.T, s.b1, s.r}, opts);
-  if (output_mask[3]) dV = at::empty({s.T, s.r, s.b2}, opts);
-  if (output_mask[4]) dweight = at::mm(gy.t(), x);
-  if (output_mask[5]) dbias = gy.sum(0);
+  // dx starts as the base gradient; the Kronecker part is added in place.
+  KronBackwardOutputs g = kron_backward_outputs(s, gy, x, weight, output_mask);
+  at::Tensor &dx = g.dx, &dA = g.dA, &dU = g.dU, &dV = g.dV, &dweight = g.dweight, &dbias = g.dbias;
+  const bool accumulate_dx = g.accumulate_dx;
   if (s.M == 0) {  // sums over no tokens
     for (at::Tensor* t : {&dA, &dU, &dV}) {
       if (t->defined()) t->zero_();
