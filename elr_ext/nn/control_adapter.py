@@ -445,15 +445,15 @@ def _check_supported(unet) -> None:
             raise ValueError(f"down block {i} ({type(block).__name__}) has no resnets to inject FDN into")
 
 
-def _adaptable_layers(root: nn.Module, names: Sequence[str]):
-    """(parent, attribute, layer) for every nn.Linear / nn.Conv2d among root's children `names` and
-    below, not inside an FDN (whose convs are new and train whole) nor already adapted."""
+def _find_layers(root: nn.Module, names: Sequence[str], wanted: tuple, skip: tuple = ()):
+    """(parent, attribute, layer) for every module of the `wanted` types among root's children
+    `names` and below, not descending into `wanted` layers or into modules of the `skip` types."""
     found = []
 
     def visit(parent: nn.Module, name: str, child: nn.Module) -> None:
-        if child is None or isinstance(child, (FDN,) + _KRON):
+        if child is None or (skip and isinstance(child, skip)):
             return
-        if isinstance(child, (nn.Linear, nn.Conv2d)):
+        if isinstance(child, wanted):
             found.append((parent, name, child))
             return
         for grandchild_name, grandchild in child.named_children():
@@ -464,27 +464,19 @@ def _adaptable_layers(root: nn.Module, names: Sequence[str]):
     return found
 
 
+def _adaptable_layers(root: nn.Module, names: Sequence[str]):
+    """nn.Linear / nn.Conv2d layers among root's children `names` and below, not inside an FDN (whose
+    convs are new and train whole) nor already adapted."""
+    return _find_layers(root, names, (nn.Linear, nn.Conv2d), skip=(FDN,) + _KRON)
+
+
 def _low_rank_layers(root: nn.Module, names: Sequence[str]):
-    """(parent, attribute, layer) for every LowRankLinear / LowRankConv2d (elr_ext.decompose's layers)
-    among root's children `names` and below."""
+    """LowRankLinear / LowRankConv2d layers (elr_ext.decompose's) among root's children `names` and below."""
     try:
         from .lowrank import LowRankConv2d, LowRankLinear
     except ImportError:  # no low-rank layers in this installation: none can be in the model
         return []
-    found = []
-
-    def visit(parent: nn.Module, name: str, child: nn.Module) -> None:
-        if child is None:
-            return
-        if isinstance(child, (LowRankLinear, LowRankConv2d)):
-            found.append((parent, name, child))
-            return
-        for grandchild_name, grandchild in child.named_children():
-            visit(child, grandchild_name, grandchild)
-
-    for name in names:
-        visit(root, name, getattr(root, name))
-    return found
+    return _find_layers(root, names, (LowRankLinear, LowRankConv2d))
 
 
 @torch.no_grad()

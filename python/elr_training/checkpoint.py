@@ -106,6 +106,18 @@ def save_checkpoint(
     return final
 
 
+def load_trained_weights(model, path: str) -> None:
+    """Copies a checkpoint's model.safetensors (the trained parameters) into `model`, in place."""
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    params = dict(model.named_parameters())
+    missing = sorted(set(weights) - set(params))
+    if missing:
+        raise ValueError(f"checkpoint {path} holds parameters this model does not have: {missing[:5]} ...")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].dtype))
+
+
 def load_checkpoint(accelerator, path: str, model, optimizer, lr_scheduler) -> dict:
     """Restores weights, optimiser, lr scheduler and this process's RNG; returns state.json."""
     with open(os.path.join(path, "state.json")) as f:
@@ -115,15 +127,7 @@ def load_checkpoint(accelerator, path: str, model, optimizer, lr_scheduler) -> d
             f"note: {path} was written by {state.get('num_processes')} process(es), resuming with "
             f"{accelerator.num_processes}: the data order after this point differs from an unbroken run"
         )
-    unwrapped = unwrap(model)
-    weights = load_file(os.path.join(path, "model.safetensors"))
-    params = dict(unwrapped.named_parameters())
-    missing = sorted(set(weights) - set(params))
-    if missing:
-        raise ValueError(f"checkpoint {path} holds parameters this model does not have: {missing[:5]} ...")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].dtype))
+    load_trained_weights(unwrap(model), path)
     if accelerator.distributed_type.value == "DEEPSPEED":
         accelerator.load_state(os.path.join(path, "deepspeed"))
     else:

@@ -310,16 +310,9 @@ def load_control_model(run: Optional[str] = None, adapter: Optional[str] = None,
     model = LocalControlAdapter.from_pretrained(adapter_dir)
     description.update(adapter=os.path.abspath(adapter_dir), adapter_kind=model.config.adapter)
     if checkpoint:
-        from safetensors.torch import load_file
+        from .checkpoint import load_trained_weights
 
-        weights = load_file(os.path.join(checkpoint, "model.safetensors"))
-        params = dict(model.named_parameters())
-        unknown = sorted(set(weights) - set(params))
-        if unknown:
-            raise ValueError(f"--checkpoint {checkpoint} holds tensors the adapter has not: {unknown[:5]}")
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value.to(params[name].dtype))
+        load_trained_weights(model, checkpoint)
         description["checkpoint"] = os.path.abspath(checkpoint)
     components.unet.to(device).eval()
     components.text_encoder.to(device).eval()
