@@ -5,6 +5,7 @@ teacher, stage 2 a backbone, as in real use.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -335,3 +336,26 @@ def test_config_precedence_yaml_and_cli(tmp_path):
         parse_config(["--stage", "2", "--config", str(yaml_file)])
     with pytest.raises(ValueError, match="one rank policy"):
         parse_config(["--stage", "1", "--rank", "4", "--energy", "0.9"])
+
+
+def test_bf16_autocast_trains_stages_1_and_2(tmp_path, teacher):
+    """--mixed-precision bf16 (CPU autocast, frozen models in bf16): the student's low-rank attention
+    and the adapter's Kronecker and FDN ops take the autocast rule of the op they replace."""
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one state per process: the other tests' runs fixed mixed_precision="no"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        _bf16_stages(tmp_path, teacher)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _bf16_stages(tmp_path, teacher):
+    student = tmp_path / "stage1"
+    metrics = run(1, student, "--teacher", str(teacher[0]), "--rank-ratio", "0.25", "--mixed-precision", "bf16",
+                  steps=4, lr=1e-3)
+    assert math.isfinite(metrics["fixed_batch_loss_after"]), metrics
+    metrics = run(2, tmp_path / "stage2", "--backbone", str(student), "--mixed-precision", "bf16", steps=4, lr=3e-3)
+    assert math.isfinite(metrics["fixed_batch_loss_after"]), metrics
+    assert os.path.isfile(os.path.join(tmp_path, "stage2", "model", "adapter", "config.json"))

@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import backends, reference
+from .._autocast import autocast_cast, autocast_dtype
 from .._checks import check_choice, check_same_dtype_device, check_shape, check_tensor
 
 ACTIVATIONS = (None, "silu")
@@ -235,7 +236,11 @@ def fdn(
         activation: None or "silu" (fused).
 
     Autograd saves z, gamma, the per-group mean and rstd (and beta with "silu"): no normalised copy.
+    Under torch.autocast it runs in fp32, like F.group_norm under CUDA autocast (elr_ext/_autocast.py).
     """
+    if isinstance(z, torch.Tensor) and autocast_dtype(z.device.type, gemm=False) is not None:
+        with torch.autocast(z.device.type, enabled=False):  # a GroupNorm under autocast: fp32, as F.group_norm
+            return fdn(*autocast_cast(torch.float32, (z, gamma, beta)), num_groups, eps, activation)
     _check_inputs(z, gamma, beta, num_groups, eps, activation)
     args = (z, gamma, beta, num_groups, float(eps), activation or "none")
     if not _traced(z):

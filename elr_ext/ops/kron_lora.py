@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from .. import backends, reference
+from .._autocast import autocast_cast, autocast_dtype
 from .._checks import check_same_dtype_device, check_tensor
 
 
@@ -157,8 +158,14 @@ def kron_lora_linear(
         scale: multiplies the Kronecker term (alpha / rank in the modules).
         save_intermediates: keep the rank-space products for the backward instead of recomputing them
             (a slightly faster backward for (a1 + a2) * T * r more values per token in memory).
+
+    Under torch.autocast it runs like F.linear: every input in the autocast dtype (elr_ext/_autocast.py).
     """
     check_tensor("x", x)
+    dtype = autocast_dtype(x.device.type, gemm=True)
+    if dtype is not None:  # a GEMM under autocast: everything in the autocast dtype, as F.linear does
+        with torch.autocast(x.device.type, enabled=False):
+            return kron_lora_linear(*autocast_cast(dtype, (x, A, U, V, weight, bias)), scale, save_intermediates)
     _check_factors(A, U, V)
     check_same_dtype_device("x", x, A=A, U=U, V=V, weight=weight, bias=bias)
     T, a1, a2 = A.shape

@@ -35,6 +35,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import backends, reference
+from .._autocast import autocast_cast, autocast_dtype
 from .._checks import check_same_dtype_device, check_tensor
 from .fdn import _traced
 
@@ -280,7 +281,13 @@ def lowrank_proj(
         the tuple (y_1, ..., y_K), y_j [..., out_j].
 
     Autograd saves x and the rank-space activations h [M, sum r_j], nothing output-sized.
+    Under torch.autocast it runs like F.linear: every input in the autocast dtype (elr_ext/_autocast.py).
     """
+    if isinstance(x, torch.Tensor):
+        dtype = autocast_dtype(x.device.type, gemm=True)
+        if dtype is not None:  # a GEMM under autocast: everything in the autocast dtype, as F.linear does
+            with torch.autocast(x.device.type, enabled=False):
+                return lowrank_proj(*autocast_cast(dtype, (x, downs, ups, biases)))
     downs, ups, biases = _check_inputs(x, downs, ups, biases)
     # a view where x allows it: the kernels take any row stride
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])

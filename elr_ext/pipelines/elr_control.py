@@ -185,6 +185,9 @@ class ELRControlPipeline(DiffusionPipeline):
                 model_input = torch.cat([latents, latents]) if guidance else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 down, mid = self.adapter(model_input, t, text_states, condition, conditioning_scale=conditioning_scale)
+                # an adapter kept in fp32 beside a bf16/fp16 UNet: its residuals in the UNet's dtype
+                if down is not None:
+                    down, mid = [r.to(self.unet.dtype) for r in down], mid.to(self.unet.dtype)
                 noise = self.unet(model_input, t, encoder_hidden_states=text_states,
                                   down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
                 if guidance:
