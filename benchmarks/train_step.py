@@ -165,12 +165,29 @@ def save_backbones(cfg: StepConfig, decomposed: bool, folder: str) -> None:
     """Build the dense backbone (and its decomposition) once and save them under `folder`: every
     fresh process then loads them instead of initialising 865M weights and running an SVD per
     layer again (minutes at SD 2.1's shapes), and all arms share exactly the same weights."""
+    dense, low_rank = os.path.join(folder, "dense"), os.path.join(folder, "decomposed")
+    marker, built_for = os.path.join(folder, "built_for.json"), {"config": cfg.name, "rank_ratio": cfg.rank_ratio}
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            found = json.load(f)
+        if found != built_for:
+            raise ValueError(f"--backbones {folder} holds backbones built for {found}, not {built_for}; "
+                             "point --backbones at another folder")
+        if os.path.isdir(dense) and (os.path.isdir(low_rank) or not decomposed):
+            print(f"backbones: reusing {folder}", flush=True)
+            return
+    os.makedirs(folder, exist_ok=True)
     torch.manual_seed(0)
     unet = build_unet(cfg)
-    unet.save_pretrained(os.path.join(folder, "dense"), safe_serialization=True)
+    unet.save_pretrained(dense, safe_serialization=True)
     if decomposed:
-        elr_ext.decompose(unet, rank_ratio=cfg.rank_ratio)
-        elr_ext.save_decomposed(unet, os.path.join(folder, "decomposed"))
+        start = time.perf_counter()
+        # the SVD in fp32: the factors' values do not change a step's cost, and fp64 is ~2x slower
+        elr_ext.decompose(unet, rank_ratio=cfg.rank_ratio, svd_dtype=torch.float32)
+        print(f"backbones: decomposed in {time.perf_counter() - start:.0f} s", flush=True)
+        elr_ext.save_decomposed(unet, low_rank)
+    with open(marker, "w") as f:  # written last: a folder without it is rebuilt
+        json.dump(built_for, f)
     del unet
     gc.collect()
 
@@ -181,7 +198,7 @@ def load_backbone(cfg: StepConfig, decomposed: bool, folder: Optional[str]) -> n
         torch.manual_seed(0)
         unet = build_unet(cfg)
         if decomposed:
-            elr_ext.decompose(unet, rank_ratio=cfg.rank_ratio)
+            elr_ext.decompose(unet, rank_ratio=cfg.rank_ratio, svd_dtype=torch.float32)
         return unet
     if decomposed:
         return elr_ext.load_decomposed(None, os.path.join(folder, "decomposed"))
@@ -463,7 +480,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=harness.RESULTS_DIR)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--backbones", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--backbones", default=None, help="keep the built backbones (dense and decomposed) in this folder "
+                   "and reuse them on the next run (SD 2.1's decomposition takes minutes); default: a temporary one")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     if args.quick:
@@ -498,12 +516,14 @@ def main(argv=None) -> List[dict]:
     print("train_step settings: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("child", "job")))
     configs = [StepConfig(args.config, batch, args.latent, tuple(args.conditions), terms=args.terms, rank=args.rank,
                           rank_ratio=args.rank_ratio) for batch in args.batch]
-    args.backbones = tempfile.mkdtemp(prefix="train_step_backbones_")
+    keep = args.backbones is not None
+    args.backbones = args.backbones or tempfile.mkdtemp(prefix="train_step_backbones_")
     try:  # the backbones do not depend on the batch: built once for all batch sizes
         save_backbones(configs[0], any(ARMS[a].decomposed for a in args.arms), args.backbones)
         return [run_config(args, cfg, device, autocast_dtype, precision) for cfg in configs]
     finally:
-        shutil.rmtree(args.backbones, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(args.backbones, ignore_errors=True)
 
 
 def run_config(args, cfg: StepConfig, device, autocast_dtype, precision: str) -> dict:
