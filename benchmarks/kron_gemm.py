@@ -14,6 +14,8 @@ The peers always include the frozen base layer, so they run only in the cases wi
     python benchmarks/kron_gemm.py            # a representative subset (CPU fp32; GPU fp16 + bf16)
     python benchmarks/kron_gemm.py --full     # the whole grid of the issue
     python benchmarks/kron_gemm.py --quick    # small shapes: a smoke run
+    python benchmarks/kron_gemm.py --conv     # KronLoRAConv2d at SD 2.1's 3x3 convs (results kron_conv_*):
+                                              # elr_ext.kron_lora_conv2d against building dW + F.conv2d
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ SUBSET = [((320, 320), 2 * 4096, 4, 8), ((640, 640), 2 * 1024, 4, 8), ((1280, 12
           ((1280, 10240), 2 * 256, 4, 8), ((5120, 1280), 2 * 256, 4, 8), ((640, 640), 2 * 1024, 8, 16),
           ((640, 640), 2 * 1024, 2, 4)]
 QUICK = [((64, 96), 128, 2, 4), ((96, 64), 64, 4, 2)]
+# (channels, side, batch): SD 2.1's resnet 3x3 convs at 256 px (latent 32) and 512 px (latent 64)
+CONV = [(320, 32, 2), (640, 16, 2), (1280, 8, 2), (320, 64, 2), (640, 32, 2), (1280, 16, 2)]
+CONV_QUICK = [(16, 8, 2)]
 
 
 def peer_layers(base: torch.nn.Linear, n: int, r: int):
@@ -121,9 +126,50 @@ def make_case(layer_shape, tokens, n, r, with_base, device, dtype, gpu_backends=
     return harness.Case(label, params, build_arms)
 
 
+def make_conv_case(channels, side, batch, n, r, device, dtype) -> harness.Case:
+    """KronLoRAConv2d's forward+backward on a frozen 3x3 conv: dW built and F.conv2d's own autograd
+    (which forms the [out, in*9] weight gradient) against elr_ext.kron_lora_conv2d (which does not)."""
+
+    def build_arms(mode):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(channels, channels, 3, padding=1).to(device, dtype).requires_grad_(False)
+        layer = elr_ext.nn.KronLoRAConv2d(conv, terms=n, rank=r)
+        torch.nn.init.normal_(layer.U, std=0.02)
+        A, U, V = layer.A, layer.U, layer.V
+        x = torch.randn(batch, channels, side, side, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(batch, channels, side, side, device=device, dtype=dtype)
+
+        def build_dw(x):
+            weight = conv.weight + layer.scale * elr_ext.kron_delta(A, U, V).view_as(conv.weight)
+            return F.conv2d(x, weight, conv.bias, 1, 1)
+
+        fns = {"build-dW + F.conv2d": build_dw, harness.OURS: layer}
+
+        def arm(fn):
+            if mode == "fwd":
+                def call():
+                    with torch.no_grad():
+                        fn(x)
+                return call
+            return lambda: torch.autograd.grad(fn(x), [x, A, U, V], grad)
+        return {name: arm(fn) for name, fn in fns.items()}
+
+    label = f"conv3x3 {channels}ch {side}x{side} b{batch} n={n} r={r}"
+    params = {"channels": channels, "side": side, "batch": batch, "terms": n, "rank": r}
+    return harness.Case(label, params, build_arms)
+
+
 def main(argv=None):
-    args = harness.parse_args(__doc__.splitlines()[0], argv, extra=[("--full", "the whole grid of the issue")])
+    args = harness.parse_args(__doc__.splitlines()[0], argv, extra=[("--full", "the whole grid of the issue"),
+                                                                   ("--conv", "the 3x3 conv adapter instead")])
     device = torch.device(args.device)
+    if args.conv:
+        for dtype in harness.dtypes_for(args):
+            cases = [make_conv_case(c, side, b, 4, 8, device, dtype) for c, side, b in (CONV_QUICK if args.quick else CONV)]
+            cases = [case for case in cases if not args.only or re.search(args.only, case.label)]
+            harness.run("kron_conv", cases, device, dtype, repeats=3 if args.quick else args.repeats,
+                        out_dir=args.out_dir, tag="_quick" if args.quick else "")
+        return
     if args.quick:
         grid = QUICK
     elif args.full:

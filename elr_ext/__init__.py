@@ -12,7 +12,7 @@ text-to-image diffusion).
 
 from . import backends, reference
 from .backends import available_backends, build_info, use_backend
-from .ops import fdn, kron_delta, kron_lora_linear, lowrank_proj
+from .ops import fdn, kron_delta, kron_lora_conv2d, kron_lora_linear, lowrank_proj
 
 backends._load_native()  # one clear warning now if a compiled part is missing, not at first use
 
@@ -21,7 +21,7 @@ from .decompose import decompose, load_decomposed, save_decomposed  # noqa: E402
 from . import tiny  # noqa: E402  (the tiny built-in model configuration; imports diffusers lazily)
 
 __version__ = "0.1.0"
-__all__ = ["fdn", "kron_lora_linear", "kron_delta", "lowrank_proj", "build_info", "use_backend", "available_backends", "backends", "reference", "nn", "tiny", "decompose",
+__all__ = ["fdn", "kron_lora_linear", "kron_lora_conv2d", "kron_delta", "lowrank_proj", "build_info", "use_backend", "available_backends", "backends", "reference", "nn", "tiny", "decompose",
            "save_decomposed", "load_decomposed"]
 
 

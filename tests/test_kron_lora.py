@@ -306,6 +306,95 @@ def test_conv_adapter_matches_the_dense_updated_convolution():
     assert conv.weight.grad is None and layer.A.grad is not None
 
 
+CONV_CASES = [  # (in, out, kernel, stride, padding, dilation, bias)
+    (6, 8, 3, 1, 1, 1, True),
+    (6, 8, 3, 2, 1, 1, False),
+    (4, 6, 3, 1, 2, 2, True),
+    (6, 4, 1, 1, 0, 1, True),
+    (4, 6, (3, 1), (2, 1), (1, 0), 1, True),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "in{}-out{}-k{}-s{}-p{}-d{}-bias{}".format(*c))
+def test_kron_lora_conv2d_gradcheck(case):
+    cin, cout, k, stride, padding, dilation, has_bias = case
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=has_bias).double()
+    layer = KronLoRAConv2d(conv, terms=2, rank=2).double()
+    A, U, V = (torch.randn_like(t, requires_grad=True) for t in (layer.A, layer.U, layer.V))
+    x = torch.randn(3, cin, 7, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, A, U, V):
+        return elr_ext.kron_lora_conv2d(x, A, U, V, conv.weight, conv.bias, 0.7, stride, padding, dilation)
+
+    assert torch.autograd.gradcheck(f, (x, A, U, V))
+    # against the fp64 reference: the dense updated weight through F.conv2d's own autograd
+    weight = conv.weight + 0.7 * dense_delta(A, U, V).view_as(conv.weight)
+    ref = torch.nn.functional.conv2d(x, weight, conv.bias, stride, padding, dilation)
+    out = f(x, A, U, V)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, (x, A, U, V), g), torch.autograd.grad(ref, (x, A, U, V), g)):
+        torch.testing.assert_close(got, want)
+
+
+def test_kron_lora_conv2d_backward_chunks_over_samples(monkeypatch):
+    """The unfolded input is taken a few samples at a time: the summed chunks give the same gradients."""
+    from elr_ext.ops import kron_lora as ops
+
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1).double()
+    A, U, V = torch.randn(2, 2, 6, dtype=torch.float64), torch.randn(2, 3, 2, dtype=torch.float64), \
+        torch.randn(2, 2, 6, dtype=torch.float64)
+    x = torch.randn(5, 4, 6, 6, dtype=torch.float64)
+
+    def grads():
+        factors = [t.clone().requires_grad_() for t in (A, U, V)]
+        elr_ext.kron_lora_conv2d(x, *factors, conv.weight, conv.bias, 1.0, 1, 1).pow(2).sum().backward()
+        return [t.grad for t in factors]
+
+    whole = grads()
+    monkeypatch.setattr(ops, "_UNFOLD_BYTES", 2 * 36 * 36 * 8)  # two samples per chunk: chunks of 2, 2, 1
+    for got, want in zip(grads(), whole):
+        torch.testing.assert_close(got, want)
+
+
+def test_conv_adapter_never_forms_the_weight_gradient(monkeypatch):
+    """The frozen weight gets no gradient and torch's conv weight-gradient is never called; grouped
+    convs fall back to the weight-gradient path and still match the reference."""
+    calls = []
+    real = torch.nn.grad.conv2d_weight
+    monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    layer = KronLoRAConv2d(conv, terms=2, rank=2)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    layer(x).sum().backward()
+    assert not calls and conv.weight.grad is None and layer.A.grad is not None and x.grad is not None
+
+    grouped = torch.nn.Conv2d(8, 8, 3, padding=1, groups=2)
+    glayer = KronLoRAConv2d(grouped, terms=2, rank=2)
+    torch.nn.init.normal_(glayer.U)
+    weight = grouped.weight + glayer.scale * dense_delta(glayer.A, glayer.U, glayer.V).view_as(grouped.weight)
+    torch.testing.assert_close(glayer(x), torch.nn.functional.conv2d(x, weight, grouped.bias, 1, 1, 1, 2),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, call", [
+    ("weight", lambda x, A, U, V, w: elr_ext.kron_lora_conv2d(x, A, U, V, w[:, :, :1])),
+    ("weight", lambda x, A, U, V, w: elr_ext.kron_lora_conv2d(x, A, U, V, w[0])),
+    ("x", lambda x, A, U, V, w: elr_ext.kron_lora_conv2d(x[:, :2], A, U, V, w)),
+    ("bias", lambda x, A, U, V, w: elr_ext.kron_lora_conv2d(x, A, U, V, w, torch.randn(3))),
+    ("stride", lambda x, A, U, V, w: elr_ext.kron_lora_conv2d(x, A, U, V, w, stride=(1, 1, 1))),
+    ("padding", lambda x, A, U, V, w: elr_ext.kron_lora_conv2d(x, A, U, V, w, padding="same")),
+    ("V", lambda x, A, U, V, w: elr_ext.kron_lora_conv2d(x, A, U, V[:, :1], w)),
+])
+def test_kron_lora_conv2d_bad_input_names_the_argument(name, call):
+    conv = torch.nn.Conv2d(4, 6, 3)
+    layer = KronLoRAConv2d(conv, terms=2, rank=2)
+    with pytest.raises((ValueError, TypeError), match=name):
+        call(torch.randn(2, 4, 5, 5), layer.A.detach(), layer.U.detach(), layer.V.detach(), conv.weight.detach())
+
+
 BAD_INPUTS = [
     ("d_in", lambda x, A, U, V: elr_ext.kron_lora_linear(x[:, :-1], A, U, V)),
     ("weight", lambda x, A, U, V: elr_ext.kron_lora_linear(x, A, U, V, weight=torch.randn(3, 3))),

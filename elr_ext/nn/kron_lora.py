@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops.kron_lora import kron_delta, kron_lora_linear
+from ..ops.kron_lora import kron_delta, kron_lora_conv2d, kron_lora_linear
 
 
 def factorization(dimension: int, factor: int = -1) -> Tuple[int, int]:
@@ -112,7 +112,9 @@ class KronLoRALinear(_KronLoRAMixin, nn.Module):
 
 class KronLoRAConv2d(_KronLoRAMixin, nn.Module):
     """A frozen nn.Conv2d plus a Kronecker update of its weight viewed [out, in/groups*kh*kw]. dW is
-    built here (elr_ext.kron_delta): it is small next to the convolution. Arguments as KronLoRALinear."""
+    built in the forward (small next to the convolution); the backward goes to the factors without
+    the weight gradient (elr_ext.kron_lora_conv2d), except for grouped convs and padding modes other
+    than zeros, which go through it. Arguments as KronLoRALinear."""
 
     def __init__(self, base: nn.Conv2d, terms: int = 4, rank: int = 8, alpha: Optional[float] = None,
                  factor: int = -1, out_factors: Optional[Tuple[int, int]] = None,
@@ -127,8 +129,13 @@ class KronLoRAConv2d(_KronLoRAMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        weight = self.base.weight + self.delta_weight()
-        return self.base._conv_forward(x, weight, self.base.bias)
+        base = self.base
+        if base.groups == 1 and base.padding_mode == "zeros" and not isinstance(base.padding, str):
+            # the backward takes the factors' gradients without the weight gradient
+            return kron_lora_conv2d(x, self.A, self.U, self.V, base.weight, base.bias, self.scale, base.stride,
+                                    base.padding, base.dilation)
+        weight = base.weight + self.delta_weight()  # grouped / padded-mode convs: through the weight gradient
+        return base._conv_forward(x, weight, base.bias)
 
     def extra_repr(self) -> str:
         return (f"terms={self.terms}, rank={self.rank}, alpha={self.alpha}, A={list(self.A.shape)}, "

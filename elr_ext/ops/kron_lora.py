@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import backends, reference
 from .._autocast import autocast_cast, autocast_dtype
@@ -231,3 +232,94 @@ def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tenso
     """dW = sum_t A_t kron (U_t V_t), [a1*b1, a2*b2] (eq. 9), for conv weights viewed [out, in*kh*kw]."""
     _check_factors(A, U, V)
     return _kron_delta(A.contiguous(), U.contiguous(), V.contiguous())
+
+
+# ------------------------------------------------------------------------------ kron_lora_conv2d
+_UNFOLD_BYTES = 64 << 20  # the backward unfolds x in chunks of samples of about this size
+
+
+def _factor_grads(x, grad_y, A, U, V, w_shape, scale, stride, padding, dilation, needs):
+    """dA, dU, dV of conv2d(x, W + scale*dW) from grad_y without building dL/dW: the unfolded input
+    (im2col) is the linear op's x [tokens, in*kh*kw], grad_y its grad_y [tokens, out], and the
+    rank-space backward of kron_lora_linear gives the factors' gradients. Chunked over samples."""
+    N, L = x.shape[0], grad_y.shape[2] * grad_y.shape[3]
+    d_in, T, a1, a2, r = w_shape[1] * w_shape[2] * w_shape[3], A.shape[0], A.shape[1], A.shape[2], U.shape[2]
+    per = max(1, _UNFOLD_BYTES // max(1, L * d_in * x.element_size()))
+    empty_t, empty_s = x.new_empty((0, a2, T * r)), x.new_empty((0, a1, T * r))
+    totals = [None, None, None]
+    for n0 in range(0, N, per):
+        cols = F.unfold(x[n0:n0 + per], w_shape[2:], dilation=dilation, padding=padding, stride=stride)
+        x2d = cols.transpose(1, 2).reshape(-1, d_in)
+        g2d = grad_y[n0:n0 + per].flatten(2).transpose(1, 2).reshape(-1, w_shape[0])
+        grads = kron_lora_backward(g2d, x2d, A, U, V, empty_t, empty_s, None, scale, [False, *needs, False, False])
+        for i, need in enumerate(needs):
+            if need:
+                totals[i] = grads[1 + i] if totals[i] is None else totals[i] + grads[1 + i]
+    return totals
+
+
+class _KronLoRAConv2d(torch.autograd.Function):
+    """conv2d(x, weight + scale * dW, bias): forward with dW built (small next to the convolution),
+    backward without the [out, in*kh*kw] weight gradient the frozen weight does not need."""
+
+    @staticmethod
+    def forward(ctx, x, A, U, V, weight, bias, scale, stride, padding, dilation):
+        w = torch.add(weight, _kron_delta(A, U, V).view_as(weight), alpha=scale)
+        ctx.save_for_backward(x, A, U, V, w)
+        ctx.conf = (scale, stride, padding, dilation)
+        return F.conv2d(x, w, bias, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, A, U, V, w = ctx.saved_tensors
+        scale, stride, padding, dilation = ctx.conf
+        need_x, need_A, need_U, need_V, need_w, need_b = ctx.needs_input_grad[:6]
+        grad_y = grad_y.contiguous()
+        gx = gw = gb = None
+        if need_x:
+            gx = torch.nn.grad.conv2d_input(x.shape, w, grad_y, stride, padding, dilation)
+        gA, gU, gV = (_factor_grads(x, grad_y, A, U, V, w.shape, scale, stride, padding, dilation,
+                                    [need_A, need_U, need_V]) if need_A or need_U or need_V else (None,) * 3)
+        if need_w:  # a trainable base weight: the full weight gradient after all
+            gw = torch.nn.grad.conv2d_weight(x, w.shape, grad_y, stride, padding, dilation)
+        if need_b:
+            gb = grad_y.sum((0, 2, 3))
+        return gx, gA, gU, gV, gw, gb, None, None, None, None
+
+
+def kron_lora_conv2d(
+    x: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None, scale: float = 1.0, stride=1, padding=0, dilation=1,
+) -> torch.Tensor:
+    """``conv2d(x, weight + scale * dW, bias, stride, padding, dilation)``, dW = sum_t A_t kron (U_t V_t)
+    on the weight viewed [out, in*kh*kw] (groups 1, zero padding given as ints).
+
+    The forward builds dW (weight-sized, small next to the convolution); the backward never forms the
+    weight gradient [out, in*kh*kw]: it unfolds x (in chunks of samples) and takes the factors'
+    gradients in rank space, as kron_lora_linear's backward does. Under torch.autocast it runs like
+    F.conv2d: every input in the autocast dtype.
+    """
+    check_tensor("x", x)
+    dtype = autocast_dtype(x.device.type, gemm=True)
+    if dtype is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return kron_lora_conv2d(*autocast_cast(dtype, (x, A, U, V, weight, bias)), scale, stride, padding, dilation)
+    _check_factors(A, U, V)
+    check_tensor("weight", weight, dim=4)
+    check_same_dtype_device("x", x, A=A, U=U, V=V, weight=weight, bias=bias)
+    T, a1, a2 = A.shape
+    d_out, d_in = a1 * U.shape[1], a2 * V.shape[2]
+    if weight.shape[0] != d_out or weight[0].numel() != d_in:
+        raise ValueError(f"weight must be [out, in, kh, kw] with out = a1*b1 = {d_out} and in*kh*kw = a2*b2 = "
+                         f"{d_in} from A {list(A.shape)}, U {list(U.shape)}, V {list(V.shape)}; got {list(weight.shape)}")
+    if x.dim() != 4 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x must be [N, {weight.shape[1]}, H, W] for weight {list(weight.shape)}, got {list(x.shape)}")
+    if bias is not None and list(bias.shape) != [d_out]:
+        raise ValueError(f"bias must be [out] = [{d_out}], got {list(bias.shape)}")
+    conf = []
+    for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        pair = (value, value) if isinstance(value, int) else tuple(value)
+        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        conf.append(pair)
+    return _KronLoRAConv2d.apply(x, A.contiguous(), U.contiguous(), V.contiguous(), weight, bias, float(scale), *conf)
