@@ -315,8 +315,13 @@ CONV_CASES = [  # (in, out, kernel, stride, padding, dilation, bias)
 ]
 
 
+@pytest.mark.parametrize("rank_space", [True, False], ids=["rank-space", "weight-grad"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "in{}-out{}-k{}-s{}-p{}-d{}-bias{}".format(*c))
-def test_kron_lora_conv2d_gradcheck(case):
+def test_kron_lora_conv2d_gradcheck(case, rank_space, monkeypatch):
+    from elr_ext.ops import kron_lora as ops
+
+    # both backward paths at these small shapes: the ratio rule would pick the weight gradient
+    monkeypatch.setattr(ops, "_RANK_SPACE_MIN_RATIO", 0.0 if rank_space else float("inf"))
     cin, cout, k, stride, padding, dilation, has_bias = case
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(cin, cout, k, stride=stride, padding=padding, dilation=dilation, bias=has_bias).double()
@@ -338,6 +343,18 @@ def test_kron_lora_conv2d_gradcheck(case):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "in{}-out{}-k{}-s{}-p{}-d{}-bias{}".format(*c))
+def test_conv_patches_are_unfolds_columns_token_major(case):
+    from elr_ext.ops.kron_lora import _patches
+
+    cin, _, k, stride, padding, dilation, _ = case
+    pair = [(v, v) if isinstance(v, int) else tuple(v) for v in (k, stride, padding, dilation)]
+    x = torch.randn(2, cin, 7, 6)
+    cols = torch.nn.functional.unfold(x, *pair[:1], dilation=pair[3], padding=pair[2], stride=pair[1])
+    assert torch.equal(_patches(x, *pair), cols.transpose(1, 2).reshape(-1, cols.shape[1]))
+    assert torch.equal(_patches(x.to(memory_format=torch.channels_last), *pair), _patches(x, *pair))
+
+
 def test_kron_lora_conv2d_backward_chunks_over_samples(monkeypatch):
     """The unfolded input is taken a few samples at a time: the summed chunks give the same gradients."""
     from elr_ext.ops import kron_lora as ops
@@ -353,15 +370,20 @@ def test_kron_lora_conv2d_backward_chunks_over_samples(monkeypatch):
         elr_ext.kron_lora_conv2d(x, *factors, conv.weight, conv.bias, 1.0, 1, 1).pow(2).sum().backward()
         return [t.grad for t in factors]
 
+    monkeypatch.setattr(ops, "_RANK_SPACE_MIN_RATIO", 0.0)
     whole = grads()
     monkeypatch.setattr(ops, "_UNFOLD_BYTES", 2 * 36 * 36 * 8)  # two samples per chunk: chunks of 2, 2, 1
     for got, want in zip(grads(), whole):
         torch.testing.assert_close(got, want)
 
 
-def test_conv_adapter_never_forms_the_weight_gradient(monkeypatch):
-    """The frozen weight gets no gradient and torch's conv weight-gradient is never called; grouped
-    convs fall back to the weight-gradient path and still match the reference."""
+def test_conv_adapter_forms_the_weight_gradient_only_for_narrow_layers(monkeypatch):
+    """On the rank-space path torch's conv weight-gradient is never called, on narrow layers it is;
+    the frozen weight gets no gradient either way; grouped convs go through the weight gradient of
+    the built dW and still match the reference."""
+    from elr_ext.ops import kron_lora as ops
+
+    monkeypatch.setattr(ops, "_RANK_SPACE_MIN_RATIO", 0.0)  # the rank-space path at this small shape
     calls = []
     real = torch.nn.grad.conv2d_weight
     monkeypatch.setattr(torch.nn.grad, "conv2d_weight", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -370,6 +392,9 @@ def test_conv_adapter_never_forms_the_weight_gradient(monkeypatch):
     x = torch.randn(2, 8, 5, 5, requires_grad=True)
     layer(x).sum().backward()
     assert not calls and conv.weight.grad is None and layer.A.grad is not None and x.grad is not None
+    monkeypatch.setattr(ops, "_RANK_SPACE_MIN_RATIO", 12.0)  # the rule: 8 channels, T*r = 4 -> weight gradient
+    layer(x).sum().backward()
+    assert calls and conv.weight.grad is None
 
     grouped = torch.nn.Conv2d(8, 8, 3, padding=1, groups=2)
     glayer = KronLoRAConv2d(grouped, terms=2, rank=2)

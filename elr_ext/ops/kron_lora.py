@@ -236,6 +236,26 @@ def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tenso
 
 # ------------------------------------------------------------------------------ kron_lora_conv2d
 _UNFOLD_BYTES = 64 << 20  # the backward unfolds x in chunks of samples of about this size
+# The factors' gradients in rank space cost about T*r*(d_in + d_out) per token against d_out*d_in for
+# the weight gradient; the rank-space path runs where that ratio is at least this. Measured on the
+# 2-core CPU (benchmarks/kron_gemm.py --conv): even at a ratio of 9 (320 channels), 1.2-1.8x faster at
+# 18-36 (640 and 1280 channels).
+_RANK_SPACE_MIN_RATIO = 12.0
+
+
+def _patches(x, kernel, stride, padding, dilation) -> torch.Tensor:
+    """The convolution's input patches token-major, [N*Ho*Wo, C*kh*kw] in the weight's (c, kh, kw)
+    order: F.unfold's columns transposed, built from kh*kw shifted channels-last views (one pass each
+    with contiguous channel rows, where unfold plus a transpose copies the columns twice, strided)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    N, C, H, W = x.shape
+    Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    padded = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1).contiguous()  # [N, H + 2ph, W + 2pw, C]
+    out = x.new_empty((N, Ho, Wo, C, kh * kw))
+    for i in range(kh):
+        for j in range(kw):
+            out[..., i * kw + j] = padded[:, i * dh:i * dh + (Ho - 1) * sh + 1:sh, j * dw:j * dw + (Wo - 1) * sw + 1:sw]
+    return out.view(N * Ho * Wo, C * kh * kw)
 
 
 def _factor_grads(x, grad_y, A, U, V, w_shape, scale, stride, padding, dilation, needs):
@@ -248,9 +268,8 @@ def _factor_grads(x, grad_y, A, U, V, w_shape, scale, stride, padding, dilation,
     empty_t, empty_s = x.new_empty((0, a2, T * r)), x.new_empty((0, a1, T * r))
     totals = [None, None, None]
     for n0 in range(0, N, per):
-        cols = F.unfold(x[n0:n0 + per], w_shape[2:], dilation=dilation, padding=padding, stride=stride)
-        x2d = cols.transpose(1, 2).reshape(-1, d_in)
-        g2d = grad_y[n0:n0 + per].flatten(2).transpose(1, 2).reshape(-1, w_shape[0])
+        x2d = _patches(x[n0:n0 + per], tuple(w_shape[2:]), stride, padding, dilation)
+        g2d = grad_y[n0:n0 + per].permute(0, 2, 3, 1).reshape(-1, w_shape[0])
         grads = kron_lora_backward(g2d, x2d, A, U, V, empty_t, empty_s, None, scale, [False, *needs, False, False])
         for i, need in enumerate(needs):
             if need:
@@ -278,10 +297,18 @@ class _KronLoRAConv2d(torch.autograd.Function):
         gx = gw = gb = None
         if need_x:
             gx = torch.nn.grad.conv2d_input(x.shape, w, grad_y, stride, padding, dilation)
-        gA, gU, gV = (_factor_grads(x, grad_y, A, U, V, w.shape, scale, stride, padding, dilation,
-                                    [need_A, need_U, need_V]) if need_A or need_U or need_V else (None,) * 3)
-        if need_w:  # a trainable base weight: the full weight gradient after all
+        needs = [need_A, need_U, need_V]
+        d_out, d_in, terms_rank = w.shape[0], w[0].numel(), A.shape[0] * U.shape[2]
+        rank_space = d_out * d_in >= _RANK_SPACE_MIN_RATIO * terms_rank * (d_in + d_out)
+        gA = gU = gV = None
+        if any(needs) and rank_space and not need_w:
+            gA, gU, gV = _factor_grads(x, grad_y, A, U, V, w.shape, scale, stride, padding, dilation, needs)
+        elif any(needs) or need_w:  # narrow layers (or a trainable base weight): through the weight gradient
             gw = torch.nn.grad.conv2d_weight(x, w.shape, grad_y, stride, padding, dilation)
+            if any(needs):
+                grads = _kron_delta_backward((gw * scale).flatten(1).contiguous(), A, U, V, needs)
+                gA, gU, gV = (g if need else None for g, need in zip(grads, needs))
+            gw = gw if need_w else None
         if need_b:
             gb = grad_y.sum((0, 2, 3))
         return gx, gA, gU, gV, gw, gb, None, None, None, None
@@ -294,10 +321,11 @@ def kron_lora_conv2d(
     """``conv2d(x, weight + scale * dW, bias, stride, padding, dilation)``, dW = sum_t A_t kron (U_t V_t)
     on the weight viewed [out, in*kh*kw] (groups 1, zero padding given as ints).
 
-    The forward builds dW (weight-sized, small next to the convolution); the backward never forms the
-    weight gradient [out, in*kh*kw]: it unfolds x (in chunks of samples) and takes the factors'
-    gradients in rank space, as kron_lora_linear's backward does. Under torch.autocast it runs like
-    F.conv2d: every input in the autocast dtype.
+    The forward builds dW (weight-sized, small next to the convolution). Where it is cheaper (wide
+    layers: d_out*d_in >= 12 * T*r * (d_in + d_out)) the backward never forms the weight gradient
+    [out, in*kh*kw]: it takes the input's patches (in chunks of samples) and the factors' gradients in
+    rank space, as kron_lora_linear's backward does; narrow layers reduce the weight gradient to the
+    factors. Under torch.autocast it runs like F.conv2d: every input in the autocast dtype.
     """
     check_tensor("x", x)
     dtype = autocast_dtype(x.device.type, gemm=True)
