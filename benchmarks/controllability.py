@@ -22,7 +22,7 @@ Targets (issue 7): ELR's edge NMSE and IoU within 10% of the full baseline's, an
 control (here: at least 25% better, relative).
 
     python benchmarks/controllability.py --quick          # tiny budget, a smoke run (minutes)
-    python benchmarks/controllability.py                  # train.py's tiny presets (300 / 100 / 300 steps)
+    python benchmarks/controllability.py                  # train.py's tiny presets (300 / 60 / 400 steps)
     python benchmarks/controllability.py --reuse          # evaluate the runs already in --work-dir
 
 Writes benchmarks/results/controllability[_quick].{md,json,png} and controllability_stage1[_quick].{md,json}.
@@ -59,9 +59,9 @@ FAR_BETTER = 0.25  # and at least 25% better than no control
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work-dir", default=os.path.join("runs", "controllability"), help="where the runs go")
-    p.add_argument("--teacher-steps", type=int, default=None, help="default: train.py's tiny preset (300)")
-    p.add_argument("--stage1-steps", type=int, default=None, help="default: train.py's tiny preset (100)")
-    p.add_argument("--stage2-steps", type=int, default=None, help="the equal budget of full and elr (preset 300)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="default: train.py's tiny preset")
+    p.add_argument("--stage1-steps", type=int, default=None, help="default: train.py's tiny preset")
+    p.add_argument("--stage2-steps", type=int, default=None, help="the equal budget of full and elr (default: the preset)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch (default: the presets' 16)")
     p.add_argument("--synthetic-size", type=int, default=None)
     p.add_argument("--num-samples", type=int, default=32, help="held-out scenes evaluated")
@@ -244,8 +244,11 @@ def main(argv=None) -> dict:
     stage1 = stage1_table(runs, samples, args, log)
 
     # ---------------------------------------------------------------- write the tables
-    budget = (f"stage-2 steps {args.stage2_steps or 'preset (300)'}, stage-1 steps {args.stage1_steps or 'preset (100)'}, "
-              f"teacher steps {args.teacher_steps or 'preset (300)'}; {args.num_samples} held-out synthetic scenes, "
+    def trained(name):  # the steps each run actually took, from its metrics.json
+        return log.get(name, {}).get("global_step", "?")
+
+    budget = (f"training steps: teacher {trained('teacher')}, stage 1 {trained('student-kd')}, stage 2 "
+              f"{trained('full')} (full) / {trained('elr')} (ELR); {args.num_samples} held-out synthetic scenes, "
               f"{args.steps} DDIM steps, guidance {args.guidance_scale}")
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
     table = evaluation.table2_markdown(columns, delta=("Uni-ControlNet-style (full)", "ELR Stage II (kron)"),
