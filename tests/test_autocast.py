@@ -39,6 +39,29 @@ def test_kron_lora_linear_runs_in_the_autocast_dtype_and_grads_stay_fp32():
         assert torch.isfinite(p.grad).all(), name
 
 
+@pytest.mark.parametrize("rank_space", [True, False], ids=["rank-space", "weight-grad"])
+def test_kron_lora_conv2d_runs_in_the_autocast_dtype(rank_space, monkeypatch):
+    from elr_ext.ops import kron_lora as ops
+
+    monkeypatch.setattr(ops, "_RANK_SPACE_MIN_RATIO", 0.0 if rank_space else float("inf"))
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, 6, 6)
+    A = torch.randn(2, 2, 8, requires_grad=True)
+    U = torch.randn(2, 6, 3, requires_grad=True)
+    V = torch.randn(2, 3, 9, requires_grad=True)
+    weight, bias = torch.randn(12, 8, 3, 3), torch.randn(12)
+    with torch.autocast("cpu", dtype=BF16):
+        y = elr_ext.kron_lora_conv2d(x, A, U, V, weight, bias, 0.5, 1, 1)
+    assert y.dtype == BF16
+    delta = sum(torch.kron(a, u @ v) for a, u, v in zip(*(_cast64(t) for t in (A, U, V))))
+    ref = torch.nn.functional.conv2d(_cast64(x), _cast64(weight) + 0.5 * delta.view(12, 8, 3, 3), _cast64(bias),
+                                     1, 1)
+    assert (y.double() - ref).abs().max() <= _bf16_tol(ref)
+    y.float().pow(2).sum().backward()
+    for name, p in (("A", A), ("U", U), ("V", V)):
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
 def test_lowrank_proj_runs_in_the_autocast_dtype():
     torch.manual_seed(1)
     x = torch.randn(4, 6, 32, requires_grad=True)
