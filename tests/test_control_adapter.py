@@ -288,3 +288,43 @@ def test_clear_errors(unet):
         LocalControlAdapter.from_unet(unet, condition_channels=1, adapter="lora")
     with pytest.raises(ValueError, match="latent_factor must be a power of 2"):
         LocalControlAdapter.from_unet(unet, condition_channels=1, latent_factor=6)
+
+
+@pytest.mark.parametrize("mode", ["kron", "full"])
+def test_gradient_checkpointing_saves_less_and_gives_the_same_gradients(mode):
+    """Per copied block, the features passed in again: the same gradients, and autograd keeps only
+    the blocks' inputs (the deterministic part of the memory saving: bytes of the saved tensors)."""
+    torch.manual_seed(0)
+    source = tiny.tiny_unet().requires_grad_(False)
+    source.enable_gradient_checkpointing()  # the copies must not inherit diffusers' per-block checkpointing
+    adapter = LocalControlAdapter.from_unet(source, condition_channels=[1, 3], adapter=mode)
+    assert not adapter.is_gradient_checkpointing
+    perturb_zero_inits(adapter)
+    args = inputs()
+
+    def run():
+        adapter.zero_grad()
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            down, mid = adapter(**args)
+        (sum(r.pow(2).sum() for r in down) + mid.pow(2).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in adapter.named_parameters() if p.grad is not None}
+        return grads, sum(saved)
+
+    plain, plain_bytes = run()
+    adapter.enable_gradient_checkpointing()
+    assert adapter.is_gradient_checkpointing
+    checkpointed, checkpointed_bytes = run()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+    assert checkpointed_bytes < 0.5 * plain_bytes, (checkpointed_bytes, plain_bytes)
+    adapter.disable_gradient_checkpointing()
+    assert not adapter.is_gradient_checkpointing
+    with pytest.raises(ValueError, match="gradient_checkpointing_func"):
+        adapter.enable_gradient_checkpointing(gradient_checkpointing_func=torch.utils.checkpoint.checkpoint)

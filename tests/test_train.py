@@ -359,3 +359,9 @@ def _bf16_stages(tmp_path, teacher):
     metrics = run(2, tmp_path / "stage2", "--backbone", str(student), "--mixed-precision", "bf16", steps=4, lr=3e-3)
     assert math.isfinite(metrics["fixed_batch_loss_after"]), metrics
     assert os.path.isfile(os.path.join(tmp_path, "stage2", "model", "adapter", "config.json"))
+
+
+def test_stage2_gradient_checkpointing_trains(tmp_path, student):
+    """--gradient-checkpointing checkpoints the frozen UNet and the adapter's copied blocks."""
+    metrics = run(2, tmp_path, "--backbone", str(student[0]), "--gradient-checkpointing", steps=4, lr=3e-3)
+    assert metrics["fixed_batch_loss_after"] < metrics["fixed_batch_loss_before"], metrics

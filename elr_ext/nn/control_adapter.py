@@ -39,6 +39,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import reference
 from .._checks import check_choice, check_positive_int, check_tensor
@@ -163,6 +164,27 @@ def _unet_config(unet_config) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet_config).items() if not k.startswith("_")}
 
 
+def _run_down_block(block: nn.Module, hidden, emb, encoder_hidden_states, level_features):
+    """One copied down block with the condition features injected into its first resnet's FDN;
+    returns (hidden, *states)."""
+    injected = block.resnets[0]
+    injected.features = level_features
+    try:
+        if getattr(block, "has_cross_attention", False):
+            hidden, states = block(hidden_states=hidden, temb=emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            hidden, states = block(hidden_states=hidden, temb=emb)
+    finally:
+        injected.features = None  # no tensor (and its graph) outlives the call
+    return (hidden, *states)
+
+
+def _run_mid_block(block: nn.Module, hidden, emb, encoder_hidden_states):
+    if getattr(block, "has_cross_attention", False):
+        return block(hidden, emb, encoder_hidden_states=encoder_hidden_states)
+    return block(hidden, emb)
+
+
 class LocalControlAdapter(ModelMixin, ConfigMixin):
     """Uni-ControlNet's local control adapter for a diffusers UNet2DConditionModel (section 2.4).
 
@@ -189,6 +211,7 @@ class LocalControlAdapter(ModelMixin, ConfigMixin):
 
     # from_unet hands the backbone itself over; the config rebuilds its structure without it.
     ignore_for_config = ["source_unet"]
+    _supports_gradient_checkpointing = True  # per copied block: enable_gradient_checkpointing below
 
     @register_to_config
     def __init__(self, unet_config: dict, condition_channels: Union[int, Sequence[int]] = 3, adapter: str = "kron",
@@ -222,6 +245,7 @@ class LocalControlAdapter(ModelMixin, ConfigMixin):
         self.time_embed_act = copy.deepcopy(unet.time_embed_act)
         self.down_blocks = copy.deepcopy(unet.down_blocks)
         self.mid_block = copy.deepcopy(unet.mid_block)
+        self.disable_gradient_checkpointing()  # the copies keep no checkpointing of the UNet's blocks
 
         # Scale of each level's input (2 ** downsamplers before it) decides the extractor's strides.
         scales = [1]
@@ -285,6 +309,23 @@ class LocalControlAdapter(ModelMixin, ConfigMixin):
             if getattr(block, "downsamplers", None):
                 channels += [d.out_channels for d in block.downsamplers]
         return channels
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
+        """Recompute each copied block's activations in the backward (torch.utils.checkpoint,
+        non-reentrant) instead of keeping them: less memory for one more forward of the copy. Per
+        copied block, with its condition features passed in again; diffusers' checkpointing inside
+        the blocks stays off (it would recompute the first resnet without its features)."""
+        if gradient_checkpointing_func is not None:
+            raise ValueError("gradient_checkpointing_func is not supported: the adapter checkpoints each block with "
+                             "torch.utils.checkpoint (non-reentrant)")
+        self.disable_gradient_checkpointing()
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False
+        self.gradient_checkpointing = False
 
     def named_trainable_parameters(self) -> List[Tuple[str, nn.Parameter]]:
         """kron: the Kronecker factors, the FDN convs, the feature extractor and the zero convs;
@@ -404,21 +445,18 @@ class LocalControlAdapter(ModelMixin, ConfigMixin):
 
         hidden = self.conv_in(sample)
         residuals = [hidden]
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         for block, level_features in zip(self.down_blocks, features):
-            injected = block.resnets[0]
-            injected.features = level_features
-            try:
-                if getattr(block, "has_cross_attention", False):
-                    hidden, states = block(hidden_states=hidden, temb=emb, encoder_hidden_states=encoder_hidden_states)
-                else:
-                    hidden, states = block(hidden_states=hidden, temb=emb)
-            finally:
-                injected.features = None  # no tensor (and its graph) outlives the call
+            if checkpointing:  # the block's activations recomputed in the backward, its features passed in again
+                hidden, *states = checkpoint(_run_down_block, block, hidden, emb, encoder_hidden_states,
+                                             level_features, use_reentrant=False)
+            else:
+                hidden, *states = _run_down_block(block, hidden, emb, encoder_hidden_states, level_features)
             residuals.extend(states)
-        if getattr(self.mid_block, "has_cross_attention", False):
-            hidden = self.mid_block(hidden, emb, encoder_hidden_states=encoder_hidden_states)
+        if checkpointing:
+            hidden = checkpoint(_run_mid_block, self.mid_block, hidden, emb, encoder_hidden_states, use_reentrant=False)
         else:
-            hidden = self.mid_block(hidden, emb)
+            hidden = _run_mid_block(self.mid_block, hidden, emb, encoder_hidden_states)
 
         down = tuple(zero_conv(r) * conditioning_scale for zero_conv, r in zip(self.down_zero_convs, residuals))
         mid = self.mid_zero_conv(hidden) * conditioning_scale
