@@ -107,6 +107,7 @@ class StepConfig:
     rank: int = 8
     rank_ratio: float = STAGE1_RANK_RATIO  # elr_ext.decompose: rank = rank_ratio * min(out, in) per layer
     lr: float = 1e-5
+    gradient_checkpointing: bool = False  # the frozen UNet's blocks and the adapter's copied blocks, every arm
 
     @property
     def condition_scale(self) -> int:
@@ -124,7 +125,8 @@ class StepConfig:
     def describe(self) -> str:
         side = self.latent * self.condition_scale
         space = f"latents {self.latent}x{self.latent} ({side} px)" if self.name == "sd21" else f"{side}x{side} px"
-        return f"{self.name}, batch {self.batch}, {space}, condition {'+'.join(self.condition_types)}"
+        return (f"{self.name}, batch {self.batch}, {space}, condition {'+'.join(self.condition_types)}"
+                + (", gradient checkpointing" if self.gradient_checkpointing else ""))
 
 
 def build_unet(cfg: StepConfig) -> nn.Module:
@@ -219,6 +221,9 @@ def build_arm(cfg: StepConfig, arm: Arm, device: torch.device, backbones: Option
                                             terms=cfg.terms, rank=cfg.rank, latent_factor=cfg.condition_scale)
     if set_fdn_mode(adapter, arm.fused_fdn) == 0:
         raise RuntimeError("the adapter holds no FDN block: nothing to run fused or eager")
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        adapter.enable_gradient_checkpointing()
     unet.to(device)
     adapter.to(device).train()
     optimizer = torch.optim.AdamW(list(adapter.trainable_parameters()), lr=cfg.lr)
@@ -341,7 +346,8 @@ def _child_args(args, arm: str, job: str, batch: int) -> List[str]:
             "--latent", str(args.latent), "--device", args.device, "--warmup", str(args.warmup),
             "--steps", str(args.steps), "--conditions", ",".join(args.conditions), "--rank", str(args.rank),
             "--terms", str(args.terms), "--rank-ratio", str(args.rank_ratio)] + \
-        (["--dtype", args.dtype] if args.dtype else [])
+        (["--dtype", args.dtype] if args.dtype else []) + \
+        (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,6 +480,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--rank-ratio", type=float, default=STAGE1_RANK_RATIO, help="decompose's rank ratio (train.py's "
                    "Stage I default)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="every arm with gradient checkpointing of "
+                   "the frozen UNet and the adapter (results *_ckpt)")
     p.add_argument("--no-timing", action="store_true", help="parameters and memory only (timing needs an idle machine)")
     p.add_argument("--params-only", action="store_true", help="exact parameter counts only (no step is run)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few steps: a smoke run")
@@ -508,14 +516,15 @@ def main(argv=None) -> List[dict]:
 
     if args.child:  # one arm in this fresh process
         cfg = StepConfig(args.config, args.batch[0], args.latent, tuple(args.conditions), terms=args.terms,
-                         rank=args.rank, rank_ratio=args.rank_ratio)
+                         rank=args.rank, rank_ratio=args.rank_ratio, gradient_checkpointing=args.gradient_checkpointing)
         print(json.dumps(child(cfg, args.child, args.job, device, autocast_dtype, args.warmup, args.steps,
                                args.backbones)))
         return []
 
     print("train_step settings: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("child", "job")))
     configs = [StepConfig(args.config, batch, args.latent, tuple(args.conditions), terms=args.terms, rank=args.rank,
-                          rank_ratio=args.rank_ratio) for batch in args.batch]
+                          rank_ratio=args.rank_ratio, gradient_checkpointing=args.gradient_checkpointing)
+               for batch in args.batch]
     keep = args.backbones is not None
     args.backbones = args.backbones or tempfile.mkdtemp(prefix="train_step_backbones_")
     try:  # the backbones do not depend on the batch: built once for all batch sizes
@@ -565,7 +574,8 @@ def run_config(args, cfg: StepConfig, device, autocast_dtype, precision: str) ->
     print(table, flush=True)
     os.makedirs(args.out_dir, exist_ok=True)
     stem = os.path.join(args.out_dir, f"train_step_{device.type}_{args.config}_b{batch}_s{args.latent}"
-                        + ("_quick" if args.quick else "") + ("_params" if args.params_only else ""))
+                        + ("_ckpt" if args.gradient_checkpointing else "") + ("_quick" if args.quick else "")
+                        + ("_params" if args.params_only else ""))
     for suffix, text in ((".json", json.dumps(result, indent=1)), (".txt", table + "\n")):
         with open(stem + suffix + ".tmp", "w") as f:
             f.write(text)
