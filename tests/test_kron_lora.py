@@ -411,6 +411,9 @@ def test_conv_adapter_forms_the_weight_gradient_only_for_narrow_layers(monkeypat
     ("bias", lambda x, A, U, V, w: elr_ext.kron_lora_conv2d(x, A, U, V, w, torch.randn(3))),
     ("stride", lambda x, A, U, V, w: elr_ext.kron_lora_conv2d(x, A, U, V, w, stride=(1, 1, 1))),
     ("padding", lambda x, A, U, V, w: elr_ext.kron_lora_conv2d(x, A, U, V, w, padding="same")),
+    ("padding", lambda x, A, U, V, w: elr_ext.kron_lora_conv2d(x, A, U, V, w, padding=-1)),
+    ("stride", lambda x, A, U, V, w: elr_ext.kron_lora_conv2d(x, A, U, V, w, stride=0)),
+    ("dilation", lambda x, A, U, V, w: elr_ext.kron_lora_conv2d(x, A, U, V, w, dilation=(1, 0))),
     ("V", lambda x, A, U, V, w: elr_ext.kron_lora_conv2d(x, A, U, V[:, :1], w)),
 ])
 def test_kron_lora_conv2d_bad_input_names_the_argument(name, call):

@@ -57,6 +57,12 @@ def _select(native_op: str, device: torch.device, dtype: torch.dtype, triton_fus
 
 
 # ------------------------------------------------------------------------------ kron_lora_linear
+def _no_intermediates(x: torch.Tensor, A: torch.Tensor, U: torch.Tensor):
+    """The empty (tmat, smat) pair that tells kron_lora_backward to recompute the rank-space products."""
+    T, a1, a2 = A.shape
+    return x.new_empty((0, a2, T * U.shape[2])), x.new_empty((0, a1, T * U.shape[2]))
+
+
 @torch.library.custom_op("elr_ext::kron_lora_forward", mutates_args=())
 def kron_lora_forward(
     x: torch.Tensor, A: torch.Tensor, U: torch.Tensor, V: torch.Tensor, weight: Optional[torch.Tensor],
@@ -70,8 +76,7 @@ def kron_lora_forward(
         return fused.forward(x, A, U, V, weight, bias, scale, save_intermediates)
     y = reference.kron_lora_linear(x, A, U, V, weight, bias, scale).contiguous()
     if not save_intermediates:
-        T, a1, a2 = A.shape
-        return y, x.new_empty((0, a2, T * U.shape[2])), x.new_empty((0, a1, T * U.shape[2]))
+        return (y, *_no_intermediates(x, A, U))
     tmat, smat = reference.kron_lora_intermediates(x, A, U, V)
     return y, tmat.contiguous(), smat.contiguous()
 
@@ -238,8 +243,8 @@ def kron_delta(A: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tenso
 _UNFOLD_BYTES = 64 << 20  # the backward unfolds x in chunks of samples of about this size
 # The factors' gradients in rank space cost about T*r*(d_in + d_out) per token against d_out*d_in for
 # the weight gradient; the rank-space path runs where that ratio is at least this. Measured on the
-# 2-core CPU (benchmarks/kron_gemm.py --conv): even at a ratio of 9 (320 channels), 1.2-1.8x faster at
-# 18-36 (640 and 1280 channels).
+# 2-core CPU (benchmarks/kron_gemm.py --conv, fwd+bwd against the weight-gradient path): 0.82-0.96x at
+# a ratio of 9 (320 channels), 1.15-1.83x at 18-36 (640 and 1280 channels).
 _RANK_SPACE_MIN_RATIO = 12.0
 
 
@@ -263,9 +268,9 @@ def _factor_grads(x, grad_y, A, U, V, w_shape, scale, stride, padding, dilation,
     (im2col) is the linear op's x [tokens, in*kh*kw], grad_y its grad_y [tokens, out], and the
     rank-space backward of kron_lora_linear gives the factors' gradients. Chunked over samples."""
     N, L = x.shape[0], grad_y.shape[2] * grad_y.shape[3]
-    d_in, T, a1, a2, r = w_shape[1] * w_shape[2] * w_shape[3], A.shape[0], A.shape[1], A.shape[2], U.shape[2]
+    d_in = w_shape[1] * w_shape[2] * w_shape[3]
     per = max(1, _UNFOLD_BYTES // max(1, L * d_in * x.element_size()))
-    empty_t, empty_s = x.new_empty((0, a2, T * r)), x.new_empty((0, a1, T * r))
+    empty_t, empty_s = _no_intermediates(x, A, U)
     totals = [None, None, None]
     for n0 in range(0, N, per):
         x2d = _patches(x[n0:n0 + per], tuple(w_shape[2:]), stride, padding, dilation)
@@ -345,9 +350,9 @@ def kron_lora_conv2d(
     if bias is not None and list(bias.shape) != [d_out]:
         raise ValueError(f"bias must be [out] = [{d_out}], got {list(bias.shape)}")
     conf = []
-    for name, value in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+    for name, value, least in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
         pair = (value, value) if isinstance(value, int) else tuple(value)
-        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in pair):
+            raise ValueError(f"{name} must be an int >= {least} or a pair of them, got {value!r}")
         conf.append(pair)
     return _KronLoRAConv2d.apply(x, A.contiguous(), U.contiguous(), V.contiguous(), weight, bias, float(scale), *conf)
