@@ -2,11 +2,14 @@
 
 Arms, in one process, interleaved (benchmarks/harness.py):
   build-dW + F.linear   dW = sum_t A_t kron (U_t V_t) built every step, then one dense product
-  peft LoKr             peft's LoKr layer on the frozen nn.Linear (T=1, its factor = n, rank r)
-  LyCORIS LoKr          LyCORIS's LokrModule, default mode, and `LyCORIS bypass` (bypass_mode)
+  peft LoKr             peft's LoKr layer on the frozen nn.Linear, in its usual configuration: one
+                        Kronecker term, its balanced split (decompose_factor=-1), rank r
+  LyCORIS LoKr          LyCORIS's LokrModule, default mode (factor=-1: the balanced split, rank r),
+                        and `LyCORIS bypass` (bypass_mode)
   eager factorised      elr_ext.reference.kron_lora_linear (the einsum chain, no dW)
   torch.compile         torch.compile of the eager factorised reference
-  elr-ext               elr_ext.kron_lora_linear on the device's default backend
+  elr-ext               elr_ext.kron_lora_linear on the device's default backend, eq. 9's factors
+                        (n terms, A_i n x n, U_i d_out/n x r, V_i r x d_in/n: the modules' default)
   elr-ext cuda/triton   on a GPU, each backend forced (GPU_DISPATCH in elr_ext/backends.py is read
                         from their ratio)
 The peers always include the frozen base layer, so they run only in the cases with a base weight.
@@ -48,9 +51,10 @@ CONV = [(320, 32, 2), (640, 16, 2), (1280, 8, 2), (320, 64, 2), (640, 32, 2), (1
 CONV_QUICK = [(16, 8, 2)]
 
 
-def peer_layers(base: torch.nn.Linear, n: int, r: int):
-    """peft's and LyCORIS's LoKr on copies of `base`, with w1 [n, n] and w2 = w2_a w2_b of rank r and
-    non-zero factors (their init zeroes one factor)."""
+def peer_layers(base: torch.nn.Linear, r: int):
+    """peft's and LyCORIS's LoKr on copies of `base` as their users configure them: the balanced split
+    of each dimension (w1 about sqrt(d_out) x sqrt(d_in)), w2 = w2_a w2_b of rank r, non-zero factors
+    (their init zeroes one factor)."""
     layers = {}
     try:
         import copy
@@ -58,7 +62,7 @@ def peer_layers(base: torch.nn.Linear, n: int, r: int):
         import peft
 
         model = peft.get_peft_model(torch.nn.Sequential(copy.deepcopy(base)),
-                                    peft.LoKrConfig(r=r, alpha=r, target_modules=["0"], decompose_factor=n))
+                                    peft.LoKrConfig(r=r, alpha=r, target_modules=["0"], decompose_factor=-1))
         layers["peft LoKr"] = model.base_model.model[0]
     except ImportError:
         pass
@@ -69,7 +73,7 @@ def peer_layers(base: torch.nn.Linear, n: int, r: int):
 
         for name, bypass in (("LyCORIS LoKr", False), ("LyCORIS bypass", True)):
             module_base = copy.deepcopy(base)
-            module = LokrModule("bench", module_base, lora_dim=r, alpha=r, factor=n, bypass_mode=bypass)
+            module = LokrModule("bench", module_base, lora_dim=r, alpha=r, factor=-1, bypass_mode=bypass)
             module.apply_to()
             layers[name] = module_base  # apply_to routes the base layer's forward through LoKr
             layers[name]._lokr = module
@@ -101,7 +105,7 @@ def make_case(layer_shape, tokens, n, r, with_base, device, dtype, gpu_backends=
 
         fns = {"build-dW + F.linear": (build_dw, [x, A, U, V])}
         if with_base:
-            for name, layer in peer_layers(base, n, r).items():
+            for name, layer in peer_layers(base, r).items():
                 params = [p for p in getattr(layer, "_lokr", layer).parameters() if p.requires_grad]
                 fns[name] = (layer, [x] + params)
         fns["eager factorised"] = (lambda x: reference.kron_lora_linear(x, A, U, V, weight, bias), [x, A, U, V])
@@ -159,6 +163,30 @@ def make_conv_case(channels, side, batch, n, r, device, dtype) -> harness.Case:
     return harness.Case(label, params, build_arms)
 
 
+# The issue's targets on the default grid (fwd+bwd): with the base, elr-ext at least these multiples
+# faster than each peer; the Kronecker term alone at least 10x building dW where the layer is wide.
+TARGETS_WITH_BASE = {"peft LoKr": 2.0, "LyCORIS bypass": 1.3}
+TARGET_KRON_ALONE = ("build-dW + F.linear", 10.0, 640)
+
+
+def target_lines(result: dict) -> list:
+    """One line per (case, target): the measured ratio, the target, met or not."""
+    lines = []
+    for row in result["rows"]:
+        p = row["params"]
+        if row["mode"] != "fwd+bwd" or not row["speedup_of_ours"]:
+            continue
+        want = None
+        if p["base"] and row["arm"] in TARGETS_WITH_BASE:
+            want = TARGETS_WITH_BASE[row["arm"]]
+        elif not p["base"] and row["arm"] == TARGET_KRON_ALONE[0] and min(p["d_in"], p["d_out"]) >= TARGET_KRON_ALONE[2]:
+            want = TARGET_KRON_ALONE[1]
+        if want is not None:
+            met = "met" if row["speedup_of_ours"] >= want else "NOT met"
+            lines.append(f"{row['case']:36s} vs {row['arm']:20s} {row['speedup_of_ours']:6.2f}x (target {want}x): {met}")
+    return lines
+
+
 def main(argv=None):
     args = harness.parse_args(__doc__.splitlines()[0], argv, extra=[("--full", "the whole grid of the issue"),
                                                                    ("--conv", "the 3x3 conv adapter instead")])
@@ -186,8 +214,14 @@ def main(argv=None):
         cases = [make_case(layer, m, n, r, with_base, device, dtype, gpu_backends)
                  for layer, m, n, r in grid for with_base in (False, True)]
         cases = [case for case in cases if not args.only or re.search(args.only, case.label)]
-        harness.run("kron_gemm", cases, device, dtype, repeats=3 if args.quick else args.repeats,
-                    out_dir=args.out_dir, tag="_quick" if args.quick else ("_full" if args.full else ""))
+        tag = "_quick" if args.quick else ("_full" if args.full else "")
+        result = harness.run("kron_gemm", cases, device, dtype, repeats=3 if args.quick else args.repeats,
+                             out_dir=args.out_dir, tag=tag)
+        lines = target_lines(result)
+        print("\ntargets (fwd+bwd):\n" + "\n".join(lines))
+        path = os.path.join(args.out_dir, f"kron_gemm_{device.type}_{str(dtype).replace('torch.', '')}{tag}_targets.txt")
+        with open(path, "w") as f:
+            f.write(f"{result['device']}, {result['time']}, torch {result['torch']}\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

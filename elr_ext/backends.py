@@ -97,8 +97,16 @@ def compiled_info() -> dict:
 _triton_import_error: list = []  # filled once: ops ask per call, and a failed import is not cached
 
 
-def _triton_reason(device_type: str) -> str | None:
-    """None when Triton can run on this device type, else why not."""
+def _capability_of(device: torch.device | None) -> tuple:
+    """(major, minor) of a CUDA device (the current one when `device` has no index), cached."""
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    if index not in _capability:
+        _capability[index] = torch.cuda.get_device_capability(index)
+    return _capability[index]
+
+
+def _triton_reason(device_type: str, device: torch.device | None = None) -> str | None:
+    """None when Triton can run on this device type (and on `device`, when given), else why not."""
     if not _triton_import_error:
         try:
             importlib.import_module("triton")
@@ -118,7 +126,7 @@ def _triton_reason(device_type: str) -> str | None:
     if device_type == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device"
-        if torch.cuda.get_device_capability() < (8, 0):
+        if _capability_of(device) < (8, 0):
             return "Triton kernels need compute capability 8.0 or newer"
         if defined_interpreted:
             return "the Triton kernels were defined under TRITON_INTERPRET=1 (CPU tensors only)"
@@ -126,13 +134,38 @@ def _triton_reason(device_type: str) -> str | None:
     return f"Triton does not run on {device_type}"
 
 
-def unavailable_reason(backend: str, device_type: str) -> str | None:
-    """None when `backend` can run on `device_type`, else a sentence saying why not."""
+def _arch_runs(built: str, capability: tuple) -> bool:
+    """Whether code built for `built` ("8.0", "9.0+PTX") runs on a device of `capability`: SASS of the
+    same major and a minor at or below the device's, or PTX of an arch at or below it (JIT)."""
+    major, minor = (int(v) for v in built.replace("+PTX", "").split("."))
+    if (major, minor) > tuple(capability):
+        return False
+    return built.endswith("+PTX") or major == capability[0]
+
+
+def _cuda_arch_reason(device: torch.device) -> str | None:
+    """Why the CUDA binary has no kernel image for `device`, or None. A build that does not record its
+    arch list (older binaries) is trusted."""
+    archs = (compiled_info().get("cuda") or {}).get("archs")
+    if not archs:
+        return None
+    capability = _capability_of(device)
+    if any(_arch_runs(a, capability) for a in archs):
+        return None
+    sm = f"sm_{capability[0]}{capability[1]}"
+    return (f"elr_ext._C_cuda was built for {', '.join(archs)}, which has no kernel image for this GPU's {sm}; "
+            f"rebuild with ELR_EXT_CUDA_ARCHS={capability[0]}.{capability[1]}"
+            + (" and a CUDA 12.x toolkit (CUDA 13 cannot target sm_70)" if capability < (7, 5) else ""))
+
+
+def unavailable_reason(backend: str, device_type: str, device: torch.device | None = None) -> str | None:
+    """None when `backend` can run on `device_type` (and on `device`, when given: a CUDA binary
+    without this GPU's arch, or Triton on a GPU older than sm_80), else a sentence saying why not."""
     _load_native()
     if backend == "torch":
         return None
     if backend == "triton":
-        return _triton_reason(device_type)
+        return _triton_reason(device_type, device)
     if backend == "cpu":
         if device_type != "cpu":
             return f"the cpu backend does not run on {device_type} tensors"
@@ -142,7 +175,9 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
             return f"the cuda backend does not run on {device_type} tensors"
         if _missing.get("cuda"):
             return _missing["cuda"]
-        return None if torch.cuda.is_available() else "built, but no CUDA device is present"
+        if not torch.cuda.is_available():
+            return "built, but no CUDA device is present"
+        return _cuda_arch_reason(device) if device is not None else None
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
@@ -206,10 +241,7 @@ def table_choice(op: str, device: torch.device, dtype: torch.dtype | None) -> st
     entry = GPU_DISPATCH.get((op, str(dtype).replace("torch.", "")))
     if not entry:
         return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _capability:
-        _capability[index] = torch.cuda.get_device_capability(index)
-    fitting = [arch for arch in entry if arch <= _capability[index]]
+    fitting = [arch for arch in entry if arch <= _capability_of(device)]
     return entry[max(fitting)] if fitting else None
 
 
@@ -217,32 +249,44 @@ def select(op: str, device: torch.device, implemented: Iterable[str],
            dtype: torch.dtype | None = None) -> str:
     """The backend that runs `op` on `device`, among the backends that implement it: the requested
     one, else the GPU_DISPATCH entry for `dtype` (CUDA devices), else the first available in
-    _PREFERENCE."""
+    _PREFERENCE. A backend that cannot run (not built, no kernel image for this GPU's arch, Triton
+    below sm_80) is passed over with one warning per (op, backend, reason)."""
     implemented = tuple(implemented)
     device_type = device.type
     requested = requested_backend()
     if requested is not None:
-        reason = unavailable_reason(requested, device_type)
+        reason = unavailable_reason(requested, device_type, device)
         if reason is None and requested not in implemented:
             reason = f"{op} has no {requested} implementation"
         if reason is None:
             return requested
-        key = (op, requested, device_type)
-        if key not in _warned:
-            _warned.add(key)
-            warnings.warn(
-                f"elr_ext: backend {requested!r} requested for {op} on {device_type} but {reason}; "
-                "using the default backend",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-    preferred = table_choice(op, device, dtype)
-    if preferred in implemented and unavailable_reason(preferred, device_type) is None:
-        return preferred
-    for backend in _PREFERENCE.get(device_type, ("torch",)):
-        if backend in implemented and unavailable_reason(backend, device_type) is None:
+        _warn_once((op, requested, device_type),
+                   f"elr_ext: backend {requested!r} requested for {op} on {device_type} but {reason}; "
+                   "using the default backend")
+    candidates = (table_choice(op, device, dtype),) + _PREFERENCE.get(device_type, ("torch",))
+    for backend in candidates:
+        if backend is None or backend not in implemented:
+            continue
+        reason = unavailable_reason(backend, device_type, device)
+        if reason is None:
             return backend
+        if device_type == "cuda" and backend == "cuda" and torch.cuda.is_available() and not _missing.get("cuda"):
+            _warn_once(("arch", backend, reason), f"elr_ext: {reason}; CUDA tensors use the next backend")
     return "torch"
+
+
+def _warn_once(key: tuple, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
+
+
+def choose(op: str, native_op: str, t: torch.Tensor, triton: bool = True) -> str:
+    """The backend for one call of an op's custom op on tensor `t`: the compiled backends whose binary
+    registers `native_op`, Triton when it has a kernel for this call (`triton`), the reference always.
+    The one dispatch helper of elr_ext/ops/*.py."""
+    implemented = native_implementations(native_op) + (("triton",) if triton else ()) + ("torch",)
+    return select(op, t.device, implemented, t.dtype)
 
 
 def build_info() -> dict:

@@ -13,7 +13,7 @@ pytest.importorskip("diffusers")
 import elr_ext  # noqa: E402
 from elr_ext import tiny  # noqa: E402
 from elr_ext.nn.control_adapter import FDNResnetBlock, LocalControlAdapter  # noqa: E402
-from elr_ext.nn.kron_lora import factorization  # noqa: E402
+from elr_ext.nn.kron_lora import kronecker_splits  # noqa: E402
 
 TERMS, RANK = 4, 8
 CHANNELS = [1, 3]  # an edge map and an RGB segmentation map
@@ -115,7 +115,7 @@ def test_first_step_from_init_reaches_the_output_zero_convs(unet):
 def kron_factor_count(layer: nn.Module) -> int:
     d_out = layer.weight.shape[0]
     d_in = layer.weight[0].numel()
-    (a1, b1), (a2, b2) = factorization(d_out), factorization(d_in)
+    (a1, b1), (a2, b2) = kronecker_splits(d_out, d_in, TERMS, strict=False)
     return TERMS * (a1 * a2 + b1 * RANK + RANK * b2)
 
 

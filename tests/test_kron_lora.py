@@ -4,6 +4,7 @@ torch.compile, the peers (peft and LyCORIS LoKr), the modules, bad input."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 import elr_ext
-from elr_ext.nn import KronLoRAConv2d, KronLoRALinear, factorization, load_kron_lora, save_kron_lora
+from elr_ext.nn import (KronLoRAConv2d, KronLoRALinear, factorization, kronecker_splits, load_kron_lora,
+                         save_kron_lora)
 from helpers import assert_close_to_ref
 
 BACKENDS = [b for b in elr_ext.available_backends("cpu")
@@ -270,9 +272,33 @@ def test_factorization_is_balanced_like_lokr():
     assert factorization(320, 4) == (4, 80) and factorization(10240) == (80, 128)
 
 
+def test_default_split_is_eq9_with_n_terms():
+    """A_i n x n, u_i (d_out/n) x r, v_i r x (d_in/n) with n = terms; factor=n picks another n and
+    factor=-1 LoKr's balanced split."""
+    layer = KronLoRALinear(torch.nn.Linear(320, 640), terms=4, rank=8)
+    assert [list(p.shape) for p in (layer.A, layer.U, layer.V)] == [[4, 4, 4], [4, 160, 8], [4, 8, 80]]
+    layer = KronLoRALinear(torch.nn.Linear(320, 640), terms=4, rank=8, factor=8)
+    assert [list(p.shape) for p in (layer.A, layer.U, layer.V)] == [[4, 8, 8], [4, 80, 8], [4, 8, 40]]
+    layer = KronLoRALinear(torch.nn.Linear(320, 640), terms=4, rank=8, factor=-1)
+    assert [list(p.shape) for p in (layer.A, layer.U, layer.V)] == [[4, 20, 16], [4, 32, 8], [4, 8, 20]]
+    conv = KronLoRAConv2d(torch.nn.Conv2d(320, 640, 3, padding=1), terms=4, rank=8)
+    assert [list(p.shape) for p in (conv.A, conv.U, conv.V)] == [[4, 4, 4], [4, 160, 8], [4, 8, 720]]
+
+
+def test_an_n_that_does_not_divide_names_the_nearest_that_does():
+    with pytest.raises(ValueError, match=r"n=4 \(terms\) does not divide d_out=30.*nearest n that divides both is 5"):
+        KronLoRALinear(torch.nn.Linear(40, 30), terms=4, rank=4)
+    with pytest.raises(ValueError, match="factor=-1"):
+        KronLoRALinear(torch.nn.Linear(40, 30), terms=4, rank=4)
+    with pytest.raises(ValueError, match="factor must be None"):
+        KronLoRALinear(torch.nn.Linear(40, 32), terms=4, rank=4, factor=0)
+    assert kronecker_splits(30, 107, 4, strict=False) == ((5, 6), (1, 107))
+    assert kronecker_splits(427, 320, 4, strict=False) == ((7, 61), (4, 80))
+
+
 def test_linear_adapter_is_zero_at_init_merges_and_round_trips(tmp_path):
     base = torch.nn.Linear(40, 30)
-    layer = KronLoRALinear(base, terms=4, rank=4)
+    layer = KronLoRALinear(base, terms=4, rank=4, factor=-1)
     x = torch.randn(3, 40)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, base.weight, base.bias))
     assert [p for p in layer.parameters() if p.requires_grad] == [layer.A, layer.U, layer.V]
@@ -285,10 +311,10 @@ def test_linear_adapter_is_zero_at_init_merges_and_round_trips(tmp_path):
     torch.testing.assert_close(base.weight, weight, rtol=1e-6, atol=1e-6)
     model = torch.nn.Sequential(layer)
     save_kron_lora(model, str(tmp_path / "adapter.safetensors"))
-    fresh = torch.nn.Sequential(KronLoRALinear(base, terms=4, rank=4))
+    fresh = torch.nn.Sequential(KronLoRALinear(base, terms=4, rank=4, factor=-1))
     load_kron_lora(fresh, str(tmp_path / "adapter.safetensors"))
     torch.testing.assert_close(fresh(x), y)
-    wrong = torch.nn.Sequential(KronLoRALinear(torch.nn.Linear(40, 30), terms=2, rank=4))
+    wrong = torch.nn.Sequential(KronLoRALinear(torch.nn.Linear(40, 30), terms=2, rank=4, factor=-1))
     before = [p.clone() for p in wrong.parameters()]
     with pytest.raises(ValueError, match="shape"):
         load_kron_lora(wrong, str(tmp_path / "adapter.safetensors"))
@@ -318,7 +344,7 @@ CONV_CASES = [  # (in, out, kernel, stride, padding, dilation, bias)
 @pytest.mark.parametrize("rank_space", [True, False], ids=["rank-space", "weight-grad"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "in{}-out{}-k{}-s{}-p{}-d{}-bias{}".format(*c))
 def test_kron_lora_conv2d_gradcheck(case, rank_space, monkeypatch):
-    from elr_ext.ops import kron_lora as ops
+    ops = importlib.import_module("elr_ext.ops.kron_lora_conv2d")
 
     # both backward paths at these small shapes: the ratio rule would pick the weight gradient
     monkeypatch.setattr(ops, "_RANK_SPACE_MIN_RATIO", 0.0 if rank_space else float("inf"))
@@ -345,7 +371,7 @@ def test_kron_lora_conv2d_gradcheck(case, rank_space, monkeypatch):
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "in{}-out{}-k{}-s{}-p{}-d{}-bias{}".format(*c))
 def test_conv_patches_are_unfolds_columns_token_major(case):
-    from elr_ext.ops.kron_lora import _patches
+    from elr_ext.ops.kron_lora_conv2d import _patches
 
     cin, _, k, stride, padding, dilation, _ = case
     pair = [(v, v) if isinstance(v, int) else tuple(v) for v in (k, stride, padding, dilation)]
@@ -357,7 +383,7 @@ def test_conv_patches_are_unfolds_columns_token_major(case):
 
 def test_kron_lora_conv2d_backward_chunks_over_samples(monkeypatch):
     """The unfolded input is taken a few samples at a time: the summed chunks give the same gradients."""
-    from elr_ext.ops import kron_lora as ops
+    ops = importlib.import_module("elr_ext.ops.kron_lora_conv2d")
 
     torch.manual_seed(1)
     conv = torch.nn.Conv2d(4, 6, 3, padding=1).double()
@@ -381,7 +407,7 @@ def test_conv_adapter_forms_the_weight_gradient_only_for_narrow_layers(monkeypat
     """On the rank-space path torch's conv weight-gradient is never called, on narrow layers it is;
     the frozen weight gets no gradient either way; grouped convs go through the weight gradient of
     the built dW and still match the reference."""
-    from elr_ext.ops import kron_lora as ops
+    ops = importlib.import_module("elr_ext.ops.kron_lora_conv2d")
 
     monkeypatch.setattr(ops, "_RANK_SPACE_MIN_RATIO", 0.0)  # the rank-space path at this small shape
     calls = []

@@ -153,6 +153,24 @@ def test_stage2_control_loss_falls_and_reports_edge_nmse(tmp_path, student):
     assert os.path.isfile(os.path.join(tmp_path, "samples", "step-6.png"))
 
 
+def test_stage2_kron_factor_picks_the_split(tmp_path, student):
+    """--kron-factor: the default is eq. 9 (A of terms x terms), -1 LoKr's balanced split; the saved
+    adapter records it and its factors have those shapes."""
+    import json
+
+    shapes = {}
+    for name, extra in (("eq9", ()), ("lokr", ("--kron-factor", "-1"))):
+        out = tmp_path / name
+        run(2, out, "--backbone", str(student[0]), "--validation-steps", "0", *extra, steps=1, lr=1e-3)
+        with open(os.path.join(out, "model", "adapter", "config.json")) as f:
+            shapes[name] = json.load(f)["factor"]
+        weights = load_file(os.path.join(out, "model", "adapter", "diffusion_pytorch_model.safetensors"))
+        shapes[name + "_A"] = {tuple(v.shape) for k, v in weights.items() if k.endswith(".A")}
+    assert shapes["eq9"] is None and shapes["lokr"] == -1
+    assert (4, 4, 4) in shapes["eq9_A"] and all(a[0] == 4 for a in shapes["eq9_A"]), shapes["eq9_A"]
+    assert shapes["lokr_A"] != shapes["eq9_A"], shapes["lokr_A"]
+
+
 def _final_weights(folder):
     checkpoints = os.path.join(folder, "checkpoints")
     last = sorted(os.listdir(checkpoints), key=lambda n: int(n.split("-")[1]))[-1]

@@ -2,11 +2,11 @@
 
 from .fdn import FDN
 from .attention import LowRankAttnProcessor
-from .kron_lora import (KronLoRAConv2d, KronLoRALinear, factorization, kron_lora_state_dict, load_kron_lora,
+from .kron_lora import (KronLoRAConv2d, KronLoRALinear, factorization, kron_lora_state_dict, kronecker_splits, load_kron_lora,
                         save_kron_lora)
 from .lowrank import LowRankConv2d, LowRankLinear
 
-__all__ = ["FDN", "KronLoRALinear", "KronLoRAConv2d", "factorization", "kron_lora_state_dict", "save_kron_lora",
+__all__ = ["FDN", "KronLoRALinear", "KronLoRAConv2d", "factorization", "kronecker_splits", "kron_lora_state_dict", "save_kron_lora",
            "load_kron_lora", "LowRankLinear", "LowRankConv2d", "LowRankAttnProcessor"]
 
 

@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import reference
 from .._checks import check_choice, check_positive_int, check_tensor
 from .fdn import FDN
-from .kron_lora import KronLoRAConv2d, KronLoRALinear
+from .kron_lora import KronLoRAConv2d, KronLoRALinear, kronecker_splits
 
 try:  # diffusers is a dependency of the model layer only; the ops work without it
     from diffusers import ModelMixin, UNet2DConditionModel
@@ -198,6 +198,10 @@ class LocalControlAdapter(ModelMixin, ConfigMixin):
         adapter: "kron" (copy frozen, Kronecker LoRA on every linear / conv of it) or "full" (the whole
             copy trains, FDN in eager PyTorch: Uni-ControlNet).
         terms, rank, alpha: the Kronecker updates' T, r and scale alpha / r (eq. 9; kron only).
+        factor: how each layer's dimensions split (elr_ext.nn.kronecker_splits): None is eq. 9 with
+            A_t of n x n, n = terms; an int n is eq. 9 with that n; -1 is LoKr's balanced split. A
+            dimension n does not divide (the ranks of a decomposed backbone: 107, 213, ...) takes its
+            divisor nearest to n.
         latent_factor: image size / latent size: 1 in pixel space, 8 for Stable Diffusion's VAE.
         feature_channels: channels of the condition features per down level (default: the UNet's
             block_out_channels).
@@ -215,8 +219,8 @@ class LocalControlAdapter(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, unet_config: dict, condition_channels: Union[int, Sequence[int]] = 3, adapter: str = "kron",
-                 terms: int = 4, rank: int = 8, alpha: Optional[float] = None, latent_factor: int = 1,
-                 feature_channels: Optional[Sequence[int]] = None,
+                 terms: int = 4, rank: int = 8, alpha: Optional[float] = None, factor: Optional[int] = None,
+                 latent_factor: int = 1, feature_channels: Optional[Sequence[int]] = None,
                  extractor_channels: Sequence[int] = (32, 64, 128), decomposition: Optional[dict] = None,
                  source_unet: Optional[UNet2DConditionModel] = None):
         super().__init__()
@@ -267,7 +271,10 @@ class LocalControlAdapter(ModelMixin, ConfigMixin):
                 setattr(parent, name, _as_two_layers(layer))
             for parent, name, layer in _adaptable_layers(self, _COPIED):
                 wrapper = KronLoRALinear if isinstance(layer, nn.Linear) else KronLoRAConv2d
-                setattr(parent, name, wrapper(layer, terms=terms, rank=rank, alpha=alpha))
+                out_split, in_split = kronecker_splits(layer.weight.shape[0], layer.weight[0].numel(), terms, factor,
+                                                       strict=False)
+                setattr(parent, name, wrapper(layer, terms=terms, rank=rank, alpha=alpha, out_factors=out_split,
+                                              in_factors=in_split))
 
         self.feature_extractor = ConditionFeatureExtractor(self.total_condition_channels, feature_channels,
                                                            level_strides, latent_factor, extractor_channels)
@@ -279,14 +286,14 @@ class LocalControlAdapter(ModelMixin, ConfigMixin):
     @classmethod
     def from_unet(cls, unet: UNet2DConditionModel, condition_channels: Union[int, Sequence[int]] = 3,
                   adapter: str = "kron", terms: int = 4, rank: int = 8, alpha: Optional[float] = None,
-                  latent_factor: int = 1, feature_channels: Optional[Sequence[int]] = None,
+                  factor: Optional[int] = None, latent_factor: int = 1, feature_channels: Optional[Sequence[int]] = None,
                   extractor_channels: Sequence[int] = (32, 64, 128)) -> "LocalControlAdapter":
         """The adapter for `unet` (dense or decomposed by elr_ext.decompose), its copy initialised
         from unet's weights. unet itself is not changed. The copy and its Kronecker factors keep
         unet's device and dtype; the FDN convs, feature extractor and zero convs are created on the
         default device in the default dtype: move the adapter with .to() as a whole."""
         return cls(unet_config=_unet_config(unet.config), condition_channels=condition_channels, adapter=adapter,
-                   terms=terms, rank=rank, alpha=alpha, latent_factor=latent_factor,
+                   terms=terms, rank=rank, alpha=alpha, factor=factor, latent_factor=latent_factor,
                    feature_channels=feature_channels, extractor_channels=extractor_channels,
                    decomposition=getattr(unet, "_elr_decompose_config", None), source_unet=unet)
 

@@ -9,13 +9,14 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops.kron_lora import kron_delta, kron_lora_conv2d, kron_lora_linear
+from ..ops.kron_lora import kron_delta, kron_lora_linear
+from ..ops.kron_lora_conv2d import kron_lora_conv2d
 
 
 def factorization(dimension: int, factor: int = -1) -> Tuple[int, int]:
-    """Split `dimension` into (m, n), m <= n, m * n = dimension: m = factor when it divides, else
-    the most balanced split with m <= factor (factor = -1: the most balanced split). The same rule as
-    LyCORIS / peft LoKr's `factorization`, so their factors map onto ours."""
+    """LoKr's split of `dimension` into (m, n), m <= n, m * n = dimension: m = factor when it divides,
+    else the most balanced split with m <= factor (factor = -1: the most balanced split). The same rule
+    as LyCORIS / peft LoKr's `factorization`, so their factors map onto ours."""
     if factor > 0 and dimension % factor == 0:
         m, n = factor, dimension // factor
         return (m, n) if m <= n else (n, m)
@@ -31,17 +32,59 @@ def factorization(dimension: int, factor: int = -1) -> Tuple[int, int]:
     return (m, n) if m <= n else (n, m)
 
 
+def nearest_divisor(dimension: int, n: int) -> int:
+    """The divisor of `dimension` closest to n (the larger one on a tie)."""
+    best = 1
+    for d in range(1, dimension + 1):
+        if dimension % d == 0 and (abs(d - n) < abs(best - n) or (abs(d - n) == abs(best - n) and d > best)):
+            best = d
+    return best
+
+
+def kronecker_splits(d_out: int, d_in: int, terms: int, factor: Optional[int] = None,
+                     strict: bool = True) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """((a1, b1), (a2, b2)) with d_out = a1*b1, d_in = a2*b2 (docs/kron_lora.md).
+
+    factor None: eq. 9, A_i of n x n with n = terms; factor > 0: eq. 9 with n = factor;
+    factor = -1: LoKr's balanced split of each dimension (`factorization`). An n that does not divide
+    a dimension raises (strict) or, with strict=False, that dimension takes its divisor nearest to n."""
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, int) or factor == 0 or factor < -1):
+        raise ValueError(f"factor must be None (n = terms, eq. 9), an int n >= 1 or -1 (LoKr's balanced split), "
+                         f"got {factor!r}")
+    if factor == -1:
+        return factorization(d_out), factorization(d_in)
+    n = terms if factor is None else factor
+    splits = []
+    for name, dimension in (("d_out", d_out), ("d_in", d_in)):
+        a = n
+        if dimension % n:
+            if strict:
+                both = math.gcd(d_out, d_in)
+                raise ValueError(
+                    f"eq. 9 splits every dimension as n x (d / n), but n={n} "
+                    f"({'terms' if factor is None else 'factor'}) does not divide {name}={dimension} "
+                    f"(layer {d_in} -> {d_out}); the nearest n that divides both is {nearest_divisor(both, n)} "
+                    f"(factor={nearest_divisor(both, n)}), or factor=-1 picks LoKr's balanced split, or give "
+                    f"out_factors / in_factors")
+            a = nearest_divisor(dimension, n)
+        splits.append((a, dimension // a))
+    return splits[0], splits[1]
+
+
 class _KronLoRAMixin:
     """Factors, init and merge shared by the linear and conv adapters. The frozen base layer is
     `self.base`; its weight is viewed as [d_out, d_in]."""
 
-    def _init_factors(self, d_out: int, d_in: int, terms: int, rank: int, alpha: Optional[float], factor: int,
-                      out_factors: Optional[Tuple[int, int]], in_factors: Optional[Tuple[int, int]]):
+    def _init_factors(self, d_out: int, d_in: int, terms: int, rank: int, alpha: Optional[float],
+                      factor: Optional[int], out_factors: Optional[Tuple[int, int]],
+                      in_factors: Optional[Tuple[int, int]]):
         for name, value in (("terms", terms), ("rank", rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        a1, b1 = out_factors or factorization(d_out, factor)
-        a2, b2 = in_factors or factorization(d_in, factor)
+        if out_factors is None or in_factors is None:
+            out_split, in_split = kronecker_splits(d_out, d_in, terms, factor)
+        a1, b1 = out_factors or out_split
+        a2, b2 = in_factors or in_split
         if a1 * b1 != d_out:
             raise ValueError(f"out_factors {out_factors} must multiply to d_out={d_out}")
         if a2 * b2 != d_in:
@@ -87,12 +130,14 @@ class KronLoRALinear(_KronLoRAMixin, nn.Module):
         terms: T, the number of Kronecker terms (the paper's n).
         rank: r of each U_t V_t.
         alpha: scale = alpha / rank (default alpha = rank).
-        factor: how d_out = a1*b1 and d_in = a2*b2 are split (see `factorization`); -1 is balanced.
+        factor: how d_out = a1*b1 and d_in = a2*b2 are split (`kronecker_splits`): None (default) is
+            eq. 9 with A_t of n x n, n = terms, U_t (d_out/n) x r, V_t r x (d_in/n); an int n >= 1 is
+            eq. 9 with that n; -1 is LoKr's balanced split (peft / LyCORIS parity).
         out_factors, in_factors: explicit (a1, b1) and (a2, b2).
     """
 
     def __init__(self, base: nn.Linear, terms: int = 4, rank: int = 8, alpha: Optional[float] = None,
-                 factor: int = -1, out_factors: Optional[Tuple[int, int]] = None,
+                 factor: Optional[int] = None, out_factors: Optional[Tuple[int, int]] = None,
                  in_factors: Optional[Tuple[int, int]] = None):
         super().__init__()
         if not isinstance(base, nn.Linear):
@@ -117,7 +162,7 @@ class KronLoRAConv2d(_KronLoRAMixin, nn.Module):
     than zeros, which go through it. Arguments as KronLoRALinear."""
 
     def __init__(self, base: nn.Conv2d, terms: int = 4, rank: int = 8, alpha: Optional[float] = None,
-                 factor: int = -1, out_factors: Optional[Tuple[int, int]] = None,
+                 factor: Optional[int] = None, out_factors: Optional[Tuple[int, int]] = None,
                  in_factors: Optional[Tuple[int, int]] = None):
         super().__init__()
         if not isinstance(base, nn.Conv2d):

@@ -38,8 +38,7 @@ def _layout_of(z: torch.Tensor) -> torch.memory_format:
 
 
 def _select(native_op: str, z: torch.Tensor) -> str:
-    implemented = backends.native_implementations(native_op) + ("triton", "torch")
-    return backends.select("fdn", z.device, implemented, z.dtype)
+    return backends.choose("fdn", native_op, z)
 
 
 # --------------------------------------------------------------------------- backends: forward

@@ -40,12 +40,8 @@ from .._checks import check_same_dtype_device, check_tensor
 from .fdn import _traced
 
 
-def _implemented(native_op: str) -> tuple:
-    return backends.native_implementations(native_op) + ("triton", "torch")
-
-
-def _backend(native_op: str, device: torch.device) -> str:
-    return backends.select("lowrank_proj", device, _implemented(native_op))
+def _backend(native_op: str, x: torch.Tensor) -> str:
+    return backends.choose("lowrank_proj", native_op, x)
 
 
 def _empty_like_absent(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +76,7 @@ def lowrank_proj_forward(
     x: torch.Tensor, downs: list[torch.Tensor], ups: list[torch.Tensor], biases: list[torch.Tensor]
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """x [M, in] -> ([y_j [M, out_j]], h [M, R]); biases[j] is [out_j] or empty (no bias)."""
-    ys, h = _FORWARD[_backend("lowrank_proj_forward", x.device)](x, downs, ups, biases)
+    ys, h = _FORWARD[_backend("lowrank_proj_forward", x)](x, downs, ups, biases)
     return ys, h
 
 
@@ -126,7 +122,7 @@ def lowrank_proj_backward(
     needs_biases: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """-> (dx [M, in], dB [R, in] (the downs' gradients stacked), [dA_j], [db_j]); empty where not needed."""
-    backend = _backend("lowrank_proj_backward", x.device)
+    backend = _backend("lowrank_proj_backward", x)
     dx, ddown, dups, dbiases = _BACKWARD[backend](grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups,
                                                   needs_biases)
     return dx, ddown, dups, dbiases
@@ -164,7 +160,7 @@ def _backward(ctx, grad_ys, needs_x, needs_downs, needs_ups, needs_biases):
     if _traced(x):  # the custom op, which has a fake kernel
         dx, ddown, dups, dbiases = lowrank_proj_backward(*args)
     else:  # eager: straight to the backend
-        dx, ddown, dups, dbiases = _BACKWARD[_backend("lowrank_proj_backward", x.device)](*args)
+        dx, ddown, dups, dbiases = _BACKWARD[_backend("lowrank_proj_backward", x)](*args)
     ddowns = ddown.split([B.shape[0] for B in downs]) if need_down else [None] * K
     return (
         dx if needs_x else None,
@@ -297,7 +293,7 @@ def lowrank_proj(
     if _traced(x):
         ys, _ = lowrank_proj_forward(x2d, downs, ups, biases)
     else:
-        backend = _backend("lowrank_proj_forward", x.device)
+        backend = _backend("lowrank_proj_forward", x)
         ys = _LowRankProjEager.apply(x2d, backend, len(downs), *downs, *ups, *biases)
     if x.dim() == 2:
         return tuple(ys)

@@ -148,6 +148,10 @@ class ControlConfig(TrainConfig):
     adapter: str = _f("kron", "kron (Kronecker low-rank updates, ELR) or full (Uni-ControlNet baseline)")
     kron_terms: int = _f(4, "Kronecker terms n of eq. 9")
     kron_rank: int = _f(8, "rank r of eq. 9")
+    kron_factor: Optional[int] = _f(
+        None, "split of each layer's dimensions: default n = terms (eq. 9: A_i n x n, u_i d_out/n x r, "
+        "v_i r x d_in/n); an int n for another n; -1 for LoKr's balanced split (peft / LyCORIS)"
+    )
     conditioning_scale: float = _f(1.0, "scale of the adapter's residuals at validation")
     keep_all_conditions: float = _f(0.1, "condition dropout: keep all conditions with this probability")
     drop_all_conditions: float = _f(0.1, "condition dropout: drop all conditions with this probability")

@@ -462,6 +462,7 @@ class ControlStage:
             adapter=config.adapter,
             terms=config.kron_terms,
             rank=config.kron_rank,
+            factor=config.kron_factor,
             latent_factor=latent_factor_of(components),
         )
         self.adapter.train()
