@@ -135,6 +135,16 @@ def time_arms(arms: Dict[str, Callable[[], None]], device: torch.device, repeats
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def write_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename, so that a reader (or a run cut
+    off mid-write) never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
