@@ -74,11 +74,11 @@ def build_unet(config: dict, decomposed: bool, device: str):
 
 
 def count(config: dict, latent_factor: int, decomposed: bool, mode: str, terms: int, rank: int, device: str,
-          feature_channels=None) -> dict:
+          feature_channels=None, factor=None) -> dict:
     unet = build_unet(config, decomposed, device)
     with torch.device(device):
         adapter = LocalControlAdapter.from_unet(unet, condition_channels=CONDITION_CHANNELS, adapter=mode, terms=terms,
-                                                rank=rank, latent_factor=latent_factor,
+                                                rank=rank, factor=factor, latent_factor=latent_factor,
                                                 feature_channels=feature_channels)
     counts = adapter.parameter_counts()
     backbone = sum(p.numel() for p in unet.parameters())
@@ -105,8 +105,13 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--terms", type=int, default=4, help="Kronecker terms n (eq. 9)")
     parser.add_argument("--rank", type=int, default=8, help="rank r of each u_i v_i^T (eq. 9)")
+    parser.add_argument("--kron-factor", type=int, default=None,
+                        help="the adapter's split (default: eq. 9, n = terms; -1: LoKr's balanced split, "
+                             "written to adapter_params_lokr.*)")
     args = parser.parse_args(argv)
-    print(f"terms={args.terms} rank={args.rank} conditions={CONDITION_CHANNELS} decomposed rank_ratio={RANK_RATIO:.4f}")
+    split = "eq. 9 (n = terms)" if args.kron_factor is None else ("LoKr balanced" if args.kron_factor == -1
+                                                                   else f"eq. 9 with n = {args.kron_factor}")
+    print(f"split={split} terms={args.terms} rank={args.rank} conditions={CONDITION_CHANNELS} decomposed rank_ratio={RANK_RATIO:.4f}")
     check_rules_on_tiny(args.terms, args.rank)
 
     rows = []
@@ -116,7 +121,8 @@ def main(argv=None) -> dict:
     for label, config, latent_factor, device, feature_channels in setups:
         for decomposed in (False, True):
             for mode in ("full", "kron"):
-                c = count(config, latent_factor, decomposed, mode, args.terms, args.rank, device, feature_channels)
+                c = count(config, latent_factor, decomposed, mode, args.terms, args.rank, device, feature_channels,
+                          args.kron_factor)
                 rows.append({"config": label, "backbone_kind": "decomposed" if decomposed else "dense", "mode": mode,
                              **c})
 
@@ -139,13 +145,15 @@ def main(argv=None) -> dict:
     text = "\n".join(lines)
     print(text)
 
-    result = {"terms": args.terms, "rank": args.rank, "condition_channels": CONDITION_CHANNELS,
+    result = {"split": split, "kron_factor": args.kron_factor, "terms": args.terms, "rank": args.rank, "condition_channels": CONDITION_CHANNELS,
               "rank_ratio": RANK_RATIO, "sd21_unet": SD21_UNET, "tiny_unet": tiny.TINY_UNET_CONFIG, "rows": rows}
     os.makedirs(harness.RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(harness.RESULTS_DIR, "adapter_params.txt"), "w") as f:
-        f.write(f"terms={args.terms} rank={args.rank} conditions={CONDITION_CHANNELS} "
+    stem = "adapter_params" + ("" if args.kron_factor is None else
+                               "_lokr" if args.kron_factor == -1 else f"_factor{args.kron_factor}")
+    with open(os.path.join(harness.RESULTS_DIR, stem + ".txt"), "w") as f:
+        f.write(f"split={split} terms={args.terms} rank={args.rank} conditions={CONDITION_CHANNELS} "
                 f"decomposed rank_ratio={RANK_RATIO:.4f}\n" + text + "\n")
-    with open(os.path.join(harness.RESULTS_DIR, "adapter_params.json"), "w") as f:
+    with open(os.path.join(harness.RESULTS_DIR, stem + ".json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
 
