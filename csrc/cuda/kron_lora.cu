@@ -6,6 +6,13 @@
 // The base product and the Kronecker term accumulate into one output: y = addmm(bias, x, W^T) (or
 // bias alone, or nothing) and then the kernels add scale * x dW^T into y in place; dx the same way
 // from grad_y W. dW itself is never built on this path.
+//
+// The weight gradients dU = scale * smat^T dy, dV = dt^T x (both paths) and, on the GEMM path,
+// dA are long-K GEMMs with small outputs: cuBLAS runs them here on views of the rank-space
+// intermediates, for fp16/bf16 with fp32 accumulation and an fp32 result that is scaled and
+// rounded once (mm with out_dtype = float32: even a split-K reduction stays in fp32). cuBLAS gives
+// the same bits for the same shapes, stream and device run after run, so the backward stays
+// deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -27,15 +34,16 @@
 namespace elr {
 namespace {
 
-// The CUDA-only checks; shapes, dtypes and devices are checked in kron_lora_args.h.
+// The CUDA-only check; shapes, dtypes and devices are checked in kron_lora_args.h. Every dtype
+// runs on every architecture the extension is built for (bf16 needs only cuda_bf16.h's
+// conversions, which it provides from sm_70 on; the kernels do no bf16 arithmetic).
 void check_cuda_input(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
-  if (t.scalar_type() == at::kBFloat16) {
-    const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.get_device());
-    TORCH_CHECK(prop->major >= 8, op, ": bfloat16 on CUDA needs compute capability 8.0 or newer, got ", prop->major,
-                ".", prop->minor, " (", prop->name, ")");
-  }
 }
+
+// The fused kernels' tiling depends on the SM count (kron_lora.cuh: make_fused_plan); ATen caches
+// the device properties, so this is a lookup.
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
@@ -46,6 +54,36 @@ at::Tensor u_cat(const at::Tensor& U, const KronShape& s) {
   return U.permute({0, 2, 1}).contiguous().view({s.rank_cols(), s.b1});
 }
 at::Tensor v_cat(const at::Tensor& V, const KronShape& s) { return V.view({s.rank_cols(), s.b2}); }
+
+// a @ b with fp32 accumulation and an fp32 result for fp16/bf16 (the accumulation dtype of the
+// kernels); in the inputs' dtype otherwise.
+at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
+  const auto st = a.scalar_type();
+  return st == at::kHalf || st == at::kBFloat16 ? at::mm(a, b, at::kFloat) : at::mm(a, b);
+}
+at::Tensor bmm_acc(const at::Tensor& a, const at::Tensor& b) {
+  const auto st = a.scalar_type();
+  return st == at::kHalf || st == at::kBFloat16 ? at::bmm(a, b, at::kFloat) : at::bmm(a, b);
+}
+
+// dU[t, k, s] = scale * sum_rows smat[row, t*r + s] dy[row, k]: [T*r, b1] = smat^T dy, then the
+// (small) transpose into U's layout. smat2 [M*a1, T*r], gy2 [M*a1, b1].
+void grad_U(const KronShape& s, const at::Tensor& smat2, const at::Tensor& gy2, double scale, at::Tensor& dU) {
+  at::Tensor duc = mm_acc(smat2.t(), gy2);
+  duc.mul_(scale);
+  dU.copy_(duc.view({s.T, s.r, s.b1}).permute({0, 2, 1}));
+}
+
+// dV[t, s, q] = sum_rows dt[row, t*r + s] x[row, q]: [T*r, b2] = dt^T x is V's layout already.
+// dt2 [M*a2, T*r], x2 [M*a2, b2].
+void grad_V(const KronShape& s, const at::Tensor& dt2, const at::Tensor& x2, at::Tensor& dV) {
+  at::Tensor dv2 = dV.view({s.rank_cols(), s.b2});
+  if (dt2.scalar_type() == at::kHalf || dt2.scalar_type() == at::kBFloat16) {
+    dv2.copy_(at::mm(dt2.t(), x2, at::kFloat));
+  } else {
+    at::mm_out(dv2, dt2.t(), x2);
+  }
+}
 
 // ---- Batched-GEMM path (factors too large for the fused kernels) -----------------------------------
 // y [M, d_out] viewed [M*a1, b1] gets scale * smat U_cat (added when accumulate). Returns (tmat, smat)
@@ -90,9 +128,12 @@ void gemm_backward(const KronShape& s, const at::Tensor& gy, const at::Tensor& x
   at::Tensor ds = at::empty({s.M * s.a1, R}, x.options());
   at::addmm_out(ds, ds, gy2, uc.t(), /*beta=*/0, /*alpha=*/scale);  // ds = scale * dy U_cat^T
   if (dA.defined()) {
-    const at::Tensor ws = workspace(kron_mix_grad_A_workspace_bytes<T>(s), x);
-    kron_mix_grad_A_cuda<T>(s, cptr<T>(ds), cptr<T>(tmat), mptr<T>(dA), ws.mutable_data_ptr(), stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // dA[t, i, p] = sum_{m, s} ds[m, i, (t, s)] tmat[m, p, (t, s)]: per term a [a1, M*r] x [M*r, a2]
+    // product. (m, s) is not one stride of ds / tmat, so both are copied term-major first: (a1 + a2)
+    // * M * T*r elements, T*r / b of what the GEMMs around them read.
+    const at::Tensor ds_t = ds.view({s.M, s.a1, s.T, s.r}).permute({2, 1, 0, 3}).reshape({s.T, s.a1, s.M * s.r});
+    const at::Tensor tm_t = tmat.view({s.M, s.a2, s.T, s.r}).permute({2, 1, 0, 3}).reshape({s.T, s.a2, s.M * s.r});
+    dA.copy_(bmm_acc(ds_t, tm_t.transpose(1, 2)));
   }
   if (dx.defined() || dV.defined()) {
     at::Tensor dt = at::empty({s.M * s.a2, R}, x.options());
@@ -102,16 +143,33 @@ void gemm_backward(const KronShape& s, const at::Tensor& gy, const at::Tensor& x
       at::Tensor dx2 = dx.view({s.M * s.a2, s.b2});
       at::addmm_out(dx2, dx2, dt, vc, /*beta=*/accumulate_dx ? 1 : 0, /*alpha=*/1);
     }
-    if (dV.defined()) {
-      at::Tensor dv2 = dV.view({R, s.b2});
-      at::mm_out(dv2, dt.t(), x2);
-    }
+    if (dV.defined()) grad_V(s, dt, x2, dV);
   }
-  if (dU.defined()) {  // dU_cat [T*r, b1] = scale * smat^T dy, then back to [T, b1, r]
-    at::Tensor duc = at::empty({R, s.b1}, x.options());
-    at::addmm_out(duc, duc, smat.t(), gy2, /*beta=*/0, /*alpha=*/scale);
-    dU.copy_(duc.view({s.T, s.r, s.b1}).permute({0, 2, 1}));
+  if (dU.defined()) grad_U(s, smat, gy2, scale, dU);
+}
+
+// The fused backward: the kernel writes dx, dA and the rank-space intermediates the weight
+// gradients need (dt; smat when none was saved), cuBLAS does the two weight-gradient GEMMs.
+template <typename T>
+void fused_backward(const KronShape& s, const at::Tensor& gy, const at::Tensor& x, const at::Tensor& A,
+                    const at::Tensor& U, const at::Tensor& V, const at::Tensor& tmat, const at::Tensor& smat,
+                    double scale, at::Tensor& dx, bool accumulate_dx, at::Tensor& dA, at::Tensor& dU, at::Tensor& dV,
+                    cudaStream_t stream) {
+  const int64_t R = s.rank_cols();
+  const int sms = sm_count();
+  const at::Tensor smat_out =
+      dU.defined() && !smat.defined() ? at::empty({s.M * s.a1, R}, x.options()) : at::Tensor();
+  const at::Tensor dt = dV.defined() ? at::empty({s.M * s.a2, R}, x.options()) : at::Tensor();
+  const at::Tensor ws = workspace(dA.defined() ? kron_lora_backward_fused_workspace_bytes<T>(s, sms) : 0, x);
+  kron_lora_backward_fused_cuda<T>(s, cptr<T>(gy), cptr<T>(x), cptr<T>(A), cptr<T>(U), cptr<T>(V), cptr<T>(tmat),
+                                   scale, mptr<T>(dx), accumulate_dx, mptr<T>(dA), mptr<T>(smat_out), mptr<T>(dt),
+                                   ws.mutable_data_ptr(), sms, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (dU.defined()) {
+    const at::Tensor sm = smat.defined() ? smat.view({s.M * s.a1, R}) : smat_out;
+    grad_U(s, sm, gy.view({s.M * s.a1, s.b1}), scale, dU);
   }
+  if (dV.defined()) grad_V(s, dt, x.view({s.M * s.a2, s.b2}), dV);
 }
 
 // ---- Ops ----------------------------------------------------------------------------------------------
@@ -137,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_lora_forward_cuda_op(
     using T = typename CudaType<scalar_t>::type;
     if (kron_fused_supported<T>(s)) {
       kron_lora_forward_fused_cuda<T>(s, cptr<T>(x), cptr<T>(A), cptr<T>(U), cptr<T>(V), mptr<T>(y), accumulate,
-                                      scale, mptr<T>(tmat), mptr<T>(smat), stream);
+                                      scale, mptr<T>(tmat), mptr<T>(smat), sm_count(), stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       auto [t, sm] = gemm_forward<T>(s, x, A, U, V, y, accumulate, scale, stream);
@@ -180,11 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kron_lora_backward_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;
     if (kron_fused_supported<T>(s)) {
-      const at::Tensor ws = workspace(kron_lora_backward_fused_workspace_bytes<T>(s), x);
-      kron_lora_backward_fused_cuda<T>(s, cptr<T>(gy), cptr<T>(x), cptr<T>(A), cptr<T>(U), cptr<T>(V), cptr<T>(tmat),
-                                       cptr<T>(smat), scale, mptr<T>(dx), accumulate_dx, mptr<T>(dA), mptr<T>(dU),
-                                       mptr<T>(dV), ws.mutable_data_ptr(), stream);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      fused_backward<T>(s, gy, x, A, U, V, tmat, smat, scale, dx, accumulate_dx, dA, dU, dV, stream);
     } else {
       gemm_backward<T>(s, gy, x, A, U, V, tmat, smat, scale, dx, accumulate_dx, dA, dU, dV, stream);
     }

@@ -15,58 +15,76 @@
 //                 A come from L2 / shared memory.
 //       backward  kron_fused_backward_kernel: ds = scale * dy U_cat^T (on chip), tmat (saved, or
 //                 recomputed exactly as the forward did), dA partial of the block, dt = A^T ds,
-//                 dx (+)= dt V_cat; writes dt (fp32) and, when smat was not saved, smat to the
-//                 workspace. The per-tile partials of dU / dV would be T*r*(b1 + b2) values per
-//                 token tile (more than the tile's own input), so those two reductions run as a
-//                 split-K kernel over the rank-space intermediates instead
-//                 (kron_weight_grad_partial_kernel: [T*r] x [b] output tiles, a fixed number of
-//                 row splits), and small kernels sum the partials in a fixed order. No float
-//                 atomics anywhere: bitwise identical results run to run, and every tiling choice
-//                 depends on the shape only (not on the device), so across GPUs too.
-// (2) Batched GEMM (larger factors). The ATen wrapper runs the two big products with cuBLAS on the
-//     views [M*a2, b2] x [b2, T*r] and [M*a1, T*r] x [T*r, b1]; the kernels here do the A-mixing
-//     (kron_mix_forward: smat from tmat; kron_mix_backward: dt from ds; kron_mix_grad_A: dA).
+//                 dx (+)= dt V_cat; writes dt and, when the caller has no saved smat, the
+//                 recomputed smat. The weight gradients dU = scale * smat^T dy and dV = dt^T x are
+//                 plain GEMMs over the M*a1 (M*a2) rows of views that exist, with a small
+//                 [T*r, b1] ([T*r, b2]) output: the caller runs them with cuBLAS, which splits
+//                 such a long-K product over the whole GPU. The dA partials of the blocks are
+//                 summed in a fixed order.
+//     The token tile shrinks until every SM has kMinBlocksPerSm blocks (make_fused_plan takes the
+//     caller's SM count), so the tiling, and with it the rounding of every sum, depends on the
+//     shape and the SM count only. No float atomics anywhere: bitwise identical results run to run.
+// (2) Batched GEMM (larger factors). The ATen wrapper runs the big products with cuBLAS on the
+//     views [M*a2, b2] x [b2, T*r] and [M*a1, T*r] x [T*r, b1], and dA as one [a1, M*r] x
+//     [M*r, a2] product per term; the kernels here do the A-mixing (kron_mix_forward: smat from
+//     tmat; kron_mix_backward: dt from ds).
 //
 // kron_delta (conv weights, where building dW is acceptable): dW[(i*b1+k), (p*b2+q)] =
 // sum_t A[t,i,p] B_t[k,q] with B_t = U_t V_t, and its backward; simple deterministic kernels.
 //
-// Precision. Sums accumulate in acc_t<T> (fp32 for fp32/fp16/bf16, fp64 for fp64). The forward's
-// rank-space intermediates are rounded to T exactly where the unfused eager path stores them (tmat
-// after X V^T, smat after the mixing; a no-op for fp32/fp64), and the next stage consumes the
-// rounded values, so the tmat/smat a forward returns are the values it used and a backward that
-// recomputes them gets the same bits. The backward keeps ds and dt in fp32 on the fused path (never
-// stored in T); on the GEMM path they are T tensors between cuBLAS calls.
+// Precision. Sums accumulate in acc_t<T> (fp32 for fp32/fp16/bf16, fp64 for fp64). The rank-space
+// intermediates are rounded to T exactly where the unfused eager path stores them (tmat after
+// X V^T, smat after the mixing, dt after A^T ds; a no-op for fp32/fp64), and every later stage that
+// reads a stored intermediate consumes the rounded values, so the tmat/smat a forward returns are
+// the values it used and a backward that recomputes them gets the same bits. ds, and the dt that
+// feeds dx, stay in acc_t on chip on the fused path; on the GEMM path they are T tensors between
+// cuBLAS calls. bf16 needs only the conversions of cuda_bf16.h (no bf16 arithmetic), which every
+// architecture from sm_70 on provides, so all dtypes run on every supported GPU.
+//
+// Shared memory. The rank-space tiles have an odd row stride (FusedPlan::ld) and A an odd term
+// stride (FusedPlan::a_ld): the dA loop reads one column of rows that differ in p, and the mixing
+// reads the same A entry of several terms, and with a stride that is a multiple of 32 words all of
+// those land in one bank. tests/test_cuda_launch_plans.py computes the bank-conflict degree of each
+// pattern from the index helpers below (tile_index, a_index, grad_a_coord).
 //
 // Performance intent (not measured here; no GPU on the development machines): the fused kernels
-// stream x / dy / y / dx with 128-bit accesses when the rows allow it, keep every rank-space value
-// on chip, and do 2*T*r*(d_in + d_out) + 2*T*r*a1*a2 FLOPs per token on the SIMT pipes against the
-// base GEMM's 2*d_in*d_out on tensor cores (a tensor-core micro-kernel for fp16/bf16 would slot
+// stream x / dy / y / dx with 128-bit accesses when the rows allow it, keep ds and the dt of dx
+// on chip, and do 2*T*r*(d_in + d_out) + 2*T*r*a1*a2 FLOPs per token on the SIMT pipes against
+// the base GEMM's 2*d_in*d_out on tensor cores (a tensor-core micro-kernel for fp16/bf16 would slot
 // into long_k_tile / small_k_tile behind the fast-path macro). In the inner loops shared tiles are
 // read as warp broadcasts or contiguous runs of 4 to 8 elements per thread; the strided shared
 // accesses are the staging stores, once per staged element.
+//
+// Under NVRTC (ELR_EXT_NVRTC) only the device code and the plain-arithmetic planners are compiled:
+// the host launchers, the grid table and the explicit instantiations need the runtime API.
 #pragma once
 
+#ifndef ELR_EXT_NVRTC
 #include <cstddef>
 #include <cstdint>
+#endif
 
 #include "cuda_common.cuh"
 #include "kron_lora_common.h"
 
 namespace elr {
 
+#ifndef ELR_EXT_NVRTC
 // ---- API ----------------------------------------------------------------------------------------
 // Pointers are contiguous: x [M, a2*b2], y / dy [M, a1*b1], A [T, a1, a2], U [T, b1, r],
-// V [T, r, b2], tmat [M, a2, T*r], smat [M, a1, T*r]. `workspace` holds at least the matching
-// *_workspace_bytes(s) bytes (any alignment from cudaMalloc / the caching allocator; the fused
-// forward and the mixing kernels need none). Nothing is launched when M == 0 (the kron_delta
-// launchers ignore M). Every launch is on `stream`; the tiling depends on the shape only.
+// V [T, r, b2], tmat [M, a2, T*r], smat [M, a1, T*r], dt [M, a2, T*r]. `workspace` holds at least
+// the matching *_workspace_bytes bytes (any alignment from cudaMalloc / the caching allocator; the
+// fused forward and the mixing kernels need none). Nothing is launched when M == 0 (the kron_delta
+// launchers ignore M). Every launch is on `stream`. `sm_count` is the device's multiprocessor
+// count (the tiling of the fused kernels depends on it; the caller queries it once per device).
 
 // The fused path handles s when T*r <= 128, a1 <= 32, a2 <= 32 and a one-token tile fits the
-// 48 KiB of shared memory every block may use without opt-in: (a1 + a2) * T*r (rounded up to
-// multiples of 4) + max(16 * (max(a1, a2) + T*r), 2048) + T*a1*a2 accumulators of acc_t<T>, which
-// holds for the paper's shapes (a1, a2, T <= 8, r <= 16) in every dtype but can fail for fp64 or a
-// large T*a1*a2. b1, b2 and M are unrestricted. Otherwise use the GEMM path. Templated on T because
-// the budget depends on sizeof(acc_t<T>).
+// 48 KiB of shared memory every block may use without opt-in: (a1 + a2, each rounded up to a
+// multiple of 4) * (T*r rounded up to 4, plus 1) + max(16 * (max(a1, a2) + T*r), 2048) +
+// T * (a1*a2 rounded up to odd) accumulators of acc_t<T>,
+// which holds for the paper's shapes (a1, a2, T <= 8, r <= 16) in every dtype but can fail for fp64
+// or a large T*a1*a2. b1, b2 and M are unrestricted. Otherwise use the GEMM path. Templated on T
+// because the budget depends on sizeof(acc_t<T>). Independent of the SM count.
 template <typename T>
 bool kron_fused_supported(const KronShape& s);
 
@@ -74,28 +92,27 @@ bool kron_fused_supported(const KronShape& s);
 // false overwrites it. tmat / smat (nullable) receive the rank-space intermediates in T.
 template <typename T>
 void kron_lora_forward_fused_cuda(const KronShape& s, const T* x, const T* A, const T* U, const T* V, T* y,
-                                  bool accumulate, double scale, T* tmat, T* smat, cudaStream_t stream);
+                                  bool accumulate, double scale, T* tmat, T* smat, int sm_count,
+                                  cudaStream_t stream);
 
-// tmat / smat: the forward's (nullable: recomputed). dx (nullable) is accumulated onto when
-// accumulate_dx (the base dy W already there), else overwritten. dA, dU, dV are each nullable.
+// tmat: the forward's (nullable: recomputed from x when needed). dx (nullable) is accumulated onto
+// when accumulate_dx (the base dy W already there), else overwritten. dA (nullable) gets the full
+// gradient. smat_out (nullable) receives the forward's smat [M*a1, T*r] for the caller's dU GEMM;
+// dt_out (nullable) receives dt [M*a2, T*r] rounded to T for the caller's dV GEMM. The workspace
+// holds the dA partials of the token tiles: needed only when dA is requested (nullptr otherwise).
 template <typename T>
-size_t kron_lora_backward_fused_workspace_bytes(const KronShape& s);
+size_t kron_lora_backward_fused_workspace_bytes(const KronShape& s, int sm_count);
 template <typename T>
 void kron_lora_backward_fused_cuda(const KronShape& s, const T* dy, const T* x, const T* A, const T* U, const T* V,
-                                   const T* tmat, const T* smat, double scale, T* dx, bool accumulate_dx, T* dA,
-                                   T* dU, T* dV, void* workspace, cudaStream_t stream);
+                                   const T* tmat, double scale, T* dx, bool accumulate_dx, T* dA, T* smat_out,
+                                   T* dt_out, void* workspace, int sm_count, cudaStream_t stream);
 
 // GEMM path, the A-mixing steps: smat[m,i,j] = sum_p A[t,i,p] tmat[m,p,j] (rounded to T);
-// dt[m,p,j] = sum_i A[t,i,p] ds[m,i,j]; dA[t,i,p] = sum_{m,s} ds[m,i,(t,s)] tmat[m,p,(t,s)].
+// dt[m,p,j] = sum_i A[t,i,p] ds[m,i,j]. (dA is a cuBLAS product in the caller.)
 template <typename T>
 void kron_mix_forward_cuda(const KronShape& s, const T* A, const T* tmat, T* smat, cudaStream_t stream);
 template <typename T>
 void kron_mix_backward_cuda(const KronShape& s, const T* A, const T* ds, T* dt, cudaStream_t stream);
-template <typename T>
-size_t kron_mix_grad_A_workspace_bytes(const KronShape& s);
-template <typename T>
-void kron_mix_grad_A_cuda(const KronShape& s, const T* ds, const T* tmat, T* dA, void* workspace,
-                          cudaStream_t stream);
 
 // dW [a1*b1, a2*b2] = sum_t A_t kron (U_t V_t), and its backward (dA, dU, dV each nullable).
 template <typename T>
@@ -109,6 +126,32 @@ template <typename T>
 void kron_delta_backward_cuda(const KronShape& s, const T* grad, const T* A, const T* U, const T* V, T* dA, T* dU,
                               T* dV, void* workspace, cudaStream_t stream);
 
+// Every kernel the launchers above start, and the grid each gets (1-D, kron_detail::kThreads
+// threads per block): the launchers take their grids from kron_grid, so a test can check the
+// tiling at any shape and SM count without a GPU.
+enum class KronKernel : int {
+  kFusedForward,   // kron_lora_forward_fused_cuda
+  kFusedBackward,  // kron_lora_backward_fused_cuda: the tile kernel
+  kFusedGradASum,  //   and the fixed-order sum of its dA partials
+  kMixForward,     // kron_mix_forward_cuda
+  kMixBackward,    // kron_mix_backward_cuda
+  kDeltaProduct,   // kron_delta_cuda / kron_delta_backward_cuda: B_t = U_t V_t
+  kDeltaExpand,    // kron_delta_cuda: dW from A and B
+  kDeltaGradA,     // kron_delta_backward_cuda
+  kDeltaGradB,
+  kDeltaGradU,
+  kDeltaGradV,
+  kCount
+};
+struct KronGrid {
+  int64_t blocks = 0;     // 0: the kernel does not run for this shape (the fused path does not fit)
+  size_t smem_bytes = 0;  // dynamic shared memory per block
+};
+inline const char* kron_kernel_name(KronKernel k);
+template <typename T>
+KronGrid kron_grid(KronKernel k, const KronShape& s, int sm_count);
+#endif  // ELR_EXT_NVRTC
+
 namespace kron_detail {
 
 using namespace cuda_common;  // ceil_div, Convert, Pack, load_acc, kWarp ...
@@ -116,24 +159,15 @@ using namespace cuda_common;  // ceil_div, Convert, Pack, load_acc, kWarp ...
 constexpr int kThreads = 256;      // every kernel here, 1-D blocks
 constexpr int kWarps = kThreads / kWarp;
 constexpr int kTM = 4;             // micro-tile rows of every register-tiled product
-constexpr int kTN = 4;             // micro-tile columns of the long-K and weight-gradient tiles
+constexpr int kTN = 4;             // micro-tile columns of the long-K tile
 constexpr int kMaxRankCols = 128;  // fused path: T*r
 constexpr int kMaxFactor = 32;     // fused path: a1, a2
 constexpr int kMaxTileRows = 64;   // fused path: bm * max(a1, a2), unless bm == 1
 constexpr int kBK = 16;            // K chunk of the long-K tile (a multiple of every pack size)
 constexpr int kStage2 = 2048;      // staged elements of the small-K (long-N) tile
 constexpr int kMaxColGroups = 64;  // small-K tile: column groups per block
-constexpr int64_t kTargetTileBlocks = 128;  // fused kernels: fewer tokens per block until this many blocks
+constexpr int kMinBlocksPerSm = 2;  // fused kernels: fewer tokens per block until every SM has this many
 constexpr size_t kSharedBudget = 48 * 1024;  // dynamic shared memory without opt-in
-// Weight-gradient split-K: rows in chunks of kWgBK; at most kMaxWgSplits row splits of at least
-// kMinRowsPerSplit rows, about kTargetWgBlocks blocks in all.
-constexpr int kWgBK = 8;
-constexpr int64_t kMaxWgSplits = 32;
-constexpr int64_t kMinRowsPerSplit = 64;
-constexpr int64_t kTargetWgBlocks = 512;
-// GEMM-path dA: token splits of at least kMinTokensPerSplit tokens, at most kMaxMixSplits.
-constexpr int64_t kMinTokensPerSplit = 64;
-constexpr int64_t kMaxMixSplits = 256;
 constexpr int64_t kMaxGridX = int64_t(1) << 20;  // grid-stride kernels
 
 __host__ __device__ __forceinline__ int round_up(int v, int m) { return (v + m - 1) / m * m; }
@@ -165,6 +199,8 @@ __host__ __device__ FactorView<T> u_cat(const KronShape& s, const T* U) {
 struct FusedPlan {
   int bm = 0;        // tokens per block; 0: the shape does not fit the fused kernels
   int rp = 0;        // T*r rounded up to kTN: the columns of every rank-space tile
+  int ld = 0;        // row stride of the rank-space tiles: rp + 1 (odd, see the top of the file)
+  int a_ld = 0;      // term stride of A in shared memory: a1*a2 rounded up to odd
   int rows_in = 0;   // bm*a2 rounded up to kTM: rows of the tmat / dt tile
   int rows_out = 0;  // bm*a1 rounded up to kTM: rows of the smat / ds tile
   // Element offsets (of acc_t<T>) into the dynamic shared memory, all multiples of 4.
@@ -173,19 +209,46 @@ struct FusedPlan {
   int64_t blocks = 0;
 };
 
+// Word offsets in the shared tiles, used by the kernels and by the bank-conflict check.
+__host__ __device__ __forceinline__ int tile_index(const FusedPlan& p, int row, int j) { return row * p.ld + j; }
+__host__ __device__ __forceinline__ int a_index(const KronShape& s, const FusedPlan& p, int t, int i, int q) {
+  return t * p.a_ld + i * int(s.a2) + q;
+}
+// The dA element [t, i, p] that thread step e of the fused dA loop owns (p fastest).
+struct GradACoord {
+  int t, i, p;
+};
+__host__ __device__ __forceinline__ GradACoord grad_a_coord(const KronShape& s, int e) {
+  const int a1 = int(s.a1), a2 = int(s.a2);
+  return {e / (a1 * a2), (e / a2) % a1, e % a2};
+}
+// Column groups of the small-K tile for a tile of rows_pad rows (thread tid owns rows
+// (tid / cg) * kTM ... + 3 when tid < (rows_pad / kTM) * cg).
+__host__ __device__ __forceinline__ int small_k_col_groups(int rows_pad) {
+  return int(min64(kMaxColGroups, kThreads / (rows_pad / kTM)));
+}
+
+inline bool fused_shape_ok(const KronShape& s) {
+  if (s.T < 1 || s.r < 1 || s.a1 < 1 || s.a2 < 1 || s.b1 < 1 || s.b2 < 1 || s.M < 0) return false;
+  if (s.rank_cols() > kMaxRankCols || s.a1 > kMaxFactor || s.a2 > kMaxFactor) return false;
+  return s.T * s.a1 * s.a2 <= int64_t(kSharedBudget);  // keeps the int arithmetic of the plan safe
+}
+
 template <typename T>
 FusedPlan fused_plan_for(const KronShape& s, int bm) {
   FusedPlan p;
   p.bm = bm;
   p.rp = round_up(int(s.rank_cols()), kTN);
+  p.ld = p.rp + 1;
+  p.a_ld = int(s.a1 * s.a2) | 1;
   p.rows_in = round_up(bm * int(s.a2), kTM);
   p.rows_out = round_up(bm * int(s.a1), kTM);
   const int stage = bm > 0 ? int(max64(kBK * (max64(p.rows_in, p.rows_out) + p.rp), kStage2)) : 0;
   p.off_t = 0;
-  p.off_s = p.rows_in * p.rp;
-  p.off_stage = p.off_s + p.rows_out * p.rp;
+  p.off_s = round_up(p.rows_in * p.ld, 4);
+  p.off_stage = p.off_s + round_up(p.rows_out * p.ld, 4);
   p.off_a = p.off_stage + stage;
-  const int64_t total = p.off_a + round_up(int(s.T * s.a1 * s.a2), 4);
+  const int64_t total = p.off_a + round_up(int(s.T) * p.a_ld, 4);
   p.smem_bytes = size_t(total) * sizeof(acc_t<T>);
   p.blocks = bm > 0 ? ceil_div(s.M, bm) : 0;
   return p;
@@ -194,35 +257,40 @@ FusedPlan fused_plan_for(const KronShape& s, int bm) {
 inline bool fused_threads_fit(const FusedPlan& p) {
   return (p.rows_in / kTM) * (p.rp / kTN) <= kThreads && (p.rows_out / kTM) * (p.rp / kTN) <= kThreads;
 }
-
-// The largest tile (up to kMaxTileRows rows, fewer when M is small: about kTargetTileBlocks blocks)
-// whose threads and shared memory fit; bm == 0 when even one token does not.
 template <typename T>
-FusedPlan make_fused_plan(const KronShape& s) {
-  const int64_t R = s.rank_cols();
-  if (s.T < 1 || s.r < 1 || s.a1 < 1 || s.a2 < 1 || s.b1 < 1 || s.b2 < 1 || s.M < 0) return {};
-  if (R > kMaxRankCols || s.a1 > kMaxFactor || s.a2 > kMaxFactor) return {};
-  if (s.T * s.a1 * s.a2 > int64_t(kSharedBudget)) return {};  // keeps the int arithmetic below safe
+bool fused_plan_fits(const FusedPlan& p) {
+  return fused_threads_fit(p) && p.smem_bytes <= kSharedBudget;
+}
+
+// The largest token tile (up to kMaxTileRows rows) that still gives every one of the sm_count SMs
+// kMinBlocksPerSm blocks when M allows it, and whose threads and shared memory fit; bm == 0 when
+// even one token does not. Larger tiles amortise the per-block staging of U, V and A
+// (T*r*(b1 + b2) + T*a1*a2 elements from L2); the block floor keeps every SM busy with two
+// blocks to alternate between wherever M allows it (M >= kMinBlocksPerSm * SMs; below that every
+// block has one token).
+template <typename T>
+FusedPlan make_fused_plan(const KronShape& s, int sm_count) {
+  if (!fused_shape_ok(s)) return {};
   const int64_t amax = max64(s.a1, s.a2);
   const int64_t cap = max64(1, kMaxTileRows / amax);
-  const int64_t wanted = max64(1, ceil_div(s.M, kTargetTileBlocks));
+  const int64_t wanted = max64(1, s.M / (int64_t(kMinBlocksPerSm) * max64(1, sm_count)));
   for (int bm = int(min64(cap, wanted)); bm >= 1; --bm) {
     const FusedPlan p = fused_plan_for<T>(s, bm);
-    if (fused_threads_fit(p) && p.smem_bytes <= kSharedBudget) return p;
+    if (fused_plan_fits<T>(p)) return p;
   }
   return {};
 }
 
 // ---- Block-level building blocks of the fused kernels -------------------------------------------
-// Long-K tile: out[row][j] = finish(sum_{k < K} src[row * ld + k] * B(j, k)) for row < rows_pad,
-// j < rp, where rows >= rows_valid and columns j >= R count as zero. `out` is shared, row stride rp.
+// Long-K tile: out[row * out_ld + j] = finish(sum_{k < K} src[row * ld + k] * B(j, k)) for
+// row < rows_pad, j < rp, where rows >= rows_valid and columns j >= R count as zero. `out` is shared.
 // Threads: (rows_pad/4) x (rp/4) groups own a 4x4 micro-tile each; when that leaves threads over,
 // ks groups of them split every K chunk (k = slice, slice + ks, ...) and their partial tiles are
 // added in slice order (deterministic). kVecIO: 128-bit loads of src (ld, K multiples of the pack,
 // src 16-byte aligned). Ends with a __syncthreads(): `out` is ready for every thread.
 template <typename T, bool kVecIO, typename Finish>
 __device__ __forceinline__ void long_k_tile(const T* __restrict__ src, int64_t ld, int rows_valid, int rows_pad,
-                                            int64_t K, const FactorView<T>& b, int R, int rp,
+                                            int64_t K, const FactorView<T>& b, int R, int rp, int out_ld,
                                             acc_t<T>* __restrict__ stage, acc_t<T>* __restrict__ out,
                                             Finish finish) {
   using A = acc_t<T>;
@@ -299,7 +367,7 @@ __device__ __forceinline__ void long_k_tile(const T* __restrict__ src, int64_t l
       for (int i = 0; i < kTM; ++i) {
         ELR_UNROLL
         for (int j = 0; j < kTN; ++j) {
-          A* o = out + (r0 + i) * rp + c0 + j;
+          A* o = out + (r0 + i) * out_ld + c0 + j;
           A v = sl == 0 ? acc[i][j] : *o + acc[i][j];
           if (sl == ks - 1) v = finish(v);
           *o = v;
@@ -310,22 +378,23 @@ __device__ __forceinline__ void long_k_tile(const T* __restrict__ src, int64_t l
   }
 }
 
-// Small-K (long-N) tile: dst[row * ld + c] = (accumulate ? dst : 0) + alpha * sum_{j < rp} C[row][j]
-// B(j, c) for row < rows_valid, c < N; C is shared [rows_pad][rp] (columns >= R hold zeros or are
-// skipped through B = 0). Threads: (rows_pad/4) row groups x cg column groups own 4 x TN micro-tiles,
-// TN = one 128-bit pack of T; N is walked in chunks of cg * TN columns, K = rp in chunks of
-// kStage2 / (cg * TN) staged rows. kVecIO: 128-bit dst accesses (ld, N multiples of the pack, dst
-// 16-byte aligned). Ends with a __syncthreads() (the staging buffer is free again).
+// Small-K (long-N) tile: dst[row * ld + c] = (accumulate ? dst : 0) + alpha * sum_{j < rp}
+// C[row * c_ld + j] B(j, c) for row < rows_valid, c < N; C is shared with rows_pad rows (columns
+// >= R hold zeros or are skipped through B = 0). Threads: (rows_pad/4) row groups x cg column groups
+// own 4 x TN micro-tiles, TN = one 128-bit pack of T; N is walked in chunks of cg * TN columns,
+// K = rp in chunks of kStage2 / (cg * TN) staged rows. kVecIO: 128-bit dst accesses (ld, N
+// multiples of the pack, dst 16-byte aligned). Ends with a __syncthreads() (the staging buffer is
+// free again).
 template <typename T, bool kVecIO>
-__device__ __forceinline__ void small_k_tile(const acc_t<T>* __restrict__ C, int rows_valid, int rows_pad, int rp,
-                                             int R, const FactorView<T>& b, int64_t N, acc_t<T> alpha,
+__device__ __forceinline__ void small_k_tile(const acc_t<T>* __restrict__ C, int c_ld, int rows_valid, int rows_pad,
+                                             int rp, int R, const FactorView<T>& b, int64_t N, acc_t<T> alpha,
                                              bool accumulate, T* __restrict__ dst, int64_t ld,
                                              acc_t<T>* __restrict__ stage) {
   using A = acc_t<T>;
   constexpr int TN = kVec<T>;
   const int tid = threadIdx.x;
   const int rg = rows_pad / kTM;
-  const int cg = int(min64(kMaxColGroups, kThreads / rg));
+  const int cg = small_k_col_groups(rows_pad);
   const int bn = cg * TN, bk = kStage2 / bn;
   const bool active = tid < rg * cg;
   const int r0 = (tid / cg) * kTM, c0 = (tid % cg) * TN;
@@ -357,7 +426,7 @@ __device__ __forceinline__ void small_k_tile(const acc_t<T>* __restrict__ C, int
         for (int kk = 0; kk < kc; ++kk) {
           A a[kTM], bv[TN];
           ELR_UNROLL
-          for (int i = 0; i < kTM; ++i) a[i] = C[(r0 + i) * rp + k0 + kk];
+          for (int i = 0; i < kTM; ++i) a[i] = C[(r0 + i) * c_ld + k0 + kk];
           ELR_UNROLL
           for (int j = 0; j < TN; ++j) bv[j] = stage[kk * bn + c0 + j];
           ELR_UNROLL
@@ -393,10 +462,13 @@ __device__ __forceinline__ void small_k_tile(const acc_t<T>* __restrict__ C, int
   }
 }
 
-// Loads A [T, a1, a2] into shared memory (no barrier: the caller's next tile has them).
+// Loads A [T, a1, a2] into shared memory, term t at t * a_ld (no barrier: the caller's next tile
+// has them).
 template <typename T>
-__device__ __forceinline__ void load_factor_a(const KronShape& s, const T* __restrict__ Af, acc_t<T>* abuf) {
-  for (int e = threadIdx.x; e < int(s.T * s.a1 * s.a2); e += kThreads) abuf[e] = to_acc(Af[e]);
+__device__ __forceinline__ void load_factor_a(const KronShape& s, const FusedPlan& pl, const T* __restrict__ Af,
+                                              acc_t<T>* abuf) {
+  const int na = int(s.a1 * s.a2);
+  for (int e = threadIdx.x; e < int(s.T) * na; e += kThreads) abuf[(e / na) * pl.a_ld + e % na] = to_acc(Af[e]);
 }
 
 // A-mixing forward on shared tiles: out[(m,i)][j] = sum_p A[t,i,p] in[(m,p)][j], rows m < bm (zero
@@ -407,10 +479,8 @@ __device__ __forceinline__ A mix_forward_at(const KronShape& s, const FusedPlan&
   const int a1 = int(s.a1), a2 = int(s.a2);
   if (row >= pl.bm * a1 || j >= int(rank_cols(s))) return A(0);
   const int m = row / a1, i = row - m * a1, t = j / int(s.r);
-  const A* a = abuf + (t * a1 + i) * a2;
-  const A* in = tin + (m * a2) * pl.rp + j;
   A sum = A(0);
-  for (int p = 0; p < a2; ++p) sum += a[p] * in[p * pl.rp];
+  for (int p = 0; p < a2; ++p) sum += abuf[a_index(s, pl, t, i, p)] * tin[tile_index(pl, m * a2 + p, j)];
   return sum;
 }
 
@@ -421,27 +491,28 @@ __device__ __forceinline__ A mix_backward_at(const KronShape& s, const FusedPlan
   const int a1 = int(s.a1), a2 = int(s.a2);
   if (row >= pl.bm * a2 || j >= int(rank_cols(s))) return A(0);
   const int m = row / a2, p = row - m * a2, t = j / int(s.r);
-  const A* a = abuf + t * a1 * a2 + p;
-  const A* in = ds + (m * a1) * pl.rp + j;
   A sum = A(0);
-  for (int i = 0; i < a1; ++i) sum += a[i * a2] * in[i * pl.rp];
+  for (int i = 0; i < a1; ++i) sum += abuf[a_index(s, pl, t, i, p)] * ds[tile_index(pl, m * a1 + i, j)];
   return sum;
 }
 
-// Copies rows < rows_valid, columns < R of a shared tile (row stride rp) to a dense global
-// [rows, R] block (tmat / smat / dt rows of this token tile are contiguous).
+// Copies rows < rows_valid, columns < R of a shared tile to a dense global [rows, R] block
+// (tmat / smat / dt rows of this token tile are contiguous).
 template <typename A, typename D>
-__device__ __forceinline__ void store_rank_tile(const A* tile, int rows_valid, int rp, int R, D* __restrict__ dst) {
+__device__ __forceinline__ void store_rank_tile(const FusedPlan& pl, const A* tile, int rows_valid, int R,
+                                                D* __restrict__ dst) {
   for (int e = threadIdx.x; e < rows_valid * R; e += kThreads) {
     const int row = e / R, j = e - row * R;
-    dst[e] = Convert<D>::from(tile[row * rp + j]);
+    dst[e] = Convert<D>::from(tile[tile_index(pl, row, j)]);
   }
 }
 
 // ---- Fused kernels --------------------------------------------------------------------------------
-// grid (blocks): block b owns tokens [b * bm, min(M, (b + 1) * bm)).
+// grid (blocks): block b owns tokens [b * bm, min(M, (b + 1) * bm)). The minimum of kMinBlocksPerSm
+// resident blocks gives ptxas a budget of 128 registers: without it, ptxas aims at a higher
+// occupancy on sm_70 / sm_75 and spills the micro-tile accumulators (up to 56 bytes of stack).
 template <typename T, bool kVecIO>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     kron_fused_forward_kernel(KronShape s, FusedPlan pl, const T* __restrict__ x, const T* __restrict__ Af,
                               const T* __restrict__ U, const T* __restrict__ V, T* __restrict__ y, bool accumulate,
                               acc_t<T> scale, T* __restrict__ tmat, T* __restrict__ smat) {
@@ -451,21 +522,22 @@ __global__ void __launch_bounds__(kThreads)
   A* sbuf = smem + pl.off_s;
   A* stage = smem + pl.off_stage;
   A* abuf = smem + pl.off_a;
-  const int R = int(rank_cols(s));
+  const int R = int(rank_cols(s)), rp = pl.rp;
   const int64_t m0 = int64_t(blockIdx.x) * pl.bm;
   const int vm = int(min64(pl.bm, s.M - m0));
-  load_factor_a(s, Af, abuf);
+  load_factor_a(s, pl, Af, abuf);
   // tmat tile = X V_cat^T, rounded to T as a stored tmat would be.
-  long_k_tile<T, kVecIO>(x + m0 * s.a2 * s.b2, s.b2, vm * int(s.a2), pl.rows_in, s.b2, v_cat(s, V), R, pl.rp,
+  long_k_tile<T, kVecIO>(x + m0 * s.a2 * s.b2, s.b2, vm * int(s.a2), pl.rows_in, s.b2, v_cat(s, V), R, rp, pl.ld,
                          stage, tbuf, [](A v) { return round_to<T>(v); });
-  if (tmat != nullptr) store_rank_tile(tbuf, vm * int(s.a2), pl.rp, R, tmat + m0 * s.a2 * R);
-  for (int e = threadIdx.x; e < pl.rows_out * pl.rp; e += kThreads) {
-    sbuf[e] = round_to<T>(mix_forward_at(s, pl, abuf, tbuf, e / pl.rp, e % pl.rp));
+  if (tmat != nullptr) store_rank_tile(pl, tbuf, vm * int(s.a2), R, tmat + m0 * s.a2 * R);
+  for (int e = threadIdx.x; e < pl.rows_out * rp; e += kThreads) {
+    const int row = e / rp, j = e % rp;
+    sbuf[tile_index(pl, row, j)] = round_to<T>(mix_forward_at(s, pl, abuf, tbuf, row, j));
   }
   __syncthreads();
-  if (smat != nullptr) store_rank_tile(sbuf, vm * int(s.a1), pl.rp, R, smat + m0 * s.a1 * R);
+  if (smat != nullptr) store_rank_tile(pl, sbuf, vm * int(s.a1), R, smat + m0 * s.a1 * R);
   // y tile (+)= scale * smat U_cat.
-  small_k_tile<T, kVecIO>(sbuf, vm * int(s.a1), pl.rows_out, pl.rp, R, u_cat(s, U), s.b1, scale, accumulate,
+  small_k_tile<T, kVecIO>(sbuf, pl.ld, vm * int(s.a1), pl.rows_out, rp, R, u_cat(s, U), s.b1, scale, accumulate,
                           y + m0 * s.a1 * s.b1, s.b1, stage);
 }
 
@@ -476,18 +548,18 @@ struct FusedBackwardArgs {
   const T* A;
   const T* U;
   const T* V;
-  const T* tmat;         // nullable: recomputed from x when needed
+  const T* tmat;          // nullable: recomputed from x when needed
   acc_t<T> scale;
-  T* dx;                 // nullable
+  T* dx;                  // nullable
   bool accumulate_dx;
-  bool need_tmat;        // dA requested, or smat must be recomputed for dU
-  acc_t<T>* dA_partials; // nullable: [blocks][T*a1*a2]
-  T* smat_out;           // nullable: recomputed smat [M*a1, T*r] for the dU reduction
-  acc_t<T>* dt_out;      // nullable: dt [M*a2, T*r] for the dV reduction
+  bool need_tmat;         // dA requested, or smat must be recomputed
+  acc_t<T>* dA_partials;  // nullable: [blocks][T*a1*a2]
+  T* smat_out;            // nullable: the forward's smat [M*a1, T*r]
+  T* dt_out;              // nullable: dt [M*a2, T*r], rounded to T
 };
 
 template <typename T, bool kVecIO>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     kron_fused_backward_kernel(KronShape s, FusedPlan pl, FusedBackwardArgs<T> g) {
   using A = acc_t<T>;
   ELR_DYNAMIC_SHARED(A, smem);
@@ -499,22 +571,22 @@ __global__ void __launch_bounds__(kThreads)
   const int a1 = int(s.a1), a2 = int(s.a2), r = int(s.r);
   const int64_t m0 = int64_t(blockIdx.x) * pl.bm;
   const int vm = int(min64(pl.bm, s.M - m0));
-  load_factor_a(s, g.A, abuf);
+  load_factor_a(s, pl, g.A, abuf);
   // ds = scale * dy U_cat^T (kept in acc_t on chip).
   const A scale = g.scale;
-  long_k_tile<T, kVecIO>(g.dy + m0 * s.a1 * s.b1, s.b1, vm * a1, pl.rows_out, s.b1, u_cat(s, g.U), R, rp, stage,
-                         dsb, [scale](A v) { return scale * v; });
+  long_k_tile<T, kVecIO>(g.dy + m0 * s.a1 * s.b1, s.b1, vm * a1, pl.rows_out, s.b1, u_cat(s, g.U), R, rp, pl.ld,
+                         stage, dsb, [scale](A v) { return scale * v; });
   if (g.need_tmat) {  // uniform across the launch
     if (g.tmat != nullptr) {
       const T* src = g.tmat + m0 * s.a2 * R;
       for (int e = threadIdx.x; e < pl.rows_in * rp; e += kThreads) {
         const int row = e / rp, j = e % rp;
-        tbuf[e] = row < vm * a2 && j < R ? to_acc(src[row * R + j]) : A(0);
+        tbuf[tile_index(pl, row, j)] = row < vm * a2 && j < R ? to_acc(src[row * R + j]) : A(0);
       }
       __syncthreads();
     } else {  // exactly the forward's tile, so the same bits
-      long_k_tile<T, kVecIO>(g.x + m0 * s.a2 * s.b2, s.b2, vm * a2, pl.rows_in, s.b2, v_cat(s, g.V), R, rp, stage,
-                             tbuf, [](A v) { return round_to<T>(v); });
+      long_k_tile<T, kVecIO>(g.x + m0 * s.a2 * s.b2, s.b2, vm * a2, pl.rows_in, s.b2, v_cat(s, g.V), R, rp, pl.ld,
+                             stage, tbuf, [](A v) { return round_to<T>(v); });
     }
     if (g.smat_out != nullptr) {
       T* dst = g.smat_out + m0 * s.a1 * R;
@@ -527,11 +599,11 @@ __global__ void __launch_bounds__(kThreads)
       // tokens past M are zero in both tiles).
       const int na = int(s.T) * a1 * a2;
       for (int e = threadIdx.x; e < na; e += kThreads) {
-        const int t = e / (a1 * a2), i = (e / a2) % a1, p = e % a2;
+        const GradACoord c = grad_a_coord(s, e);
         A sum = A(0);
         for (int m = 0; m < pl.bm; ++m) {
-          const A* dsr = dsb + (m * a1 + i) * rp + t * r;
-          const A* tr = tbuf + (m * a2 + p) * rp + t * r;
+          const A* dsr = dsb + tile_index(pl, m * a1 + c.i, c.t * r);
+          const A* tr = tbuf + tile_index(pl, m * a2 + c.p, c.t * r);
           for (int q = 0; q < r; ++q) sum += dsr[q] * tr[q];
         }
         g.dA_partials[int64_t(blockIdx.x) * na + e] = sum;
@@ -541,137 +613,19 @@ __global__ void __launch_bounds__(kThreads)
   }
   // dt = A^T ds.
   for (int e = threadIdx.x; e < pl.rows_in * rp; e += kThreads) {
-    tbuf[e] = mix_backward_at(s, pl, abuf, dsb, e / rp, e % rp);
+    const int row = e / rp, j = e % rp;
+    tbuf[tile_index(pl, row, j)] = mix_backward_at(s, pl, abuf, dsb, row, j);
   }
   __syncthreads();
-  if (g.dt_out != nullptr) store_rank_tile(tbuf, vm * a2, rp, R, g.dt_out + m0 * s.a2 * R);
+  if (g.dt_out != nullptr) store_rank_tile(pl, tbuf, vm * a2, R, g.dt_out + m0 * s.a2 * R);
   // dx tile (+)= dt V_cat.
   if (g.dx != nullptr) {
-    small_k_tile<T, kVecIO>(tbuf, vm * a2, pl.rows_in, rp, R, v_cat(s, g.V), s.b2, A(1), g.accumulate_dx,
+    small_k_tile<T, kVecIO>(tbuf, pl.ld, vm * a2, pl.rows_in, rp, R, v_cat(s, g.V), s.b2, A(1), g.accumulate_dx,
                             g.dx + m0 * s.a2 * s.b2, s.b2, stage);
   }
 }
 
-// ---- Weight gradients: split-K over rows ----------------------------------------------------------
-// partials[split][j][c] = sum_{row in split} lhs[row * R + j] * rhs[row * N + c], j < R, c < N.
-// grid (column tiles of bn, splits). Threads: (rp/4) x cg groups own 4x4 micro-tiles.
-struct WeightGradPlan {
-  int rp = 0, cg = 0, bn = 0;
-  int64_t col_tiles = 0, splits = 0, rows_per_split = 0;
-  size_t smem_bytes = 0;
-};
-
-template <typename T>
-WeightGradPlan make_weight_grad_plan(int64_t rows, int64_t R, int64_t N) {
-  WeightGradPlan p;
-  p.rp = round_up(int(R), kTN);
-  p.cg = int(min64(kMaxColGroups, kThreads / (p.rp / kTN))) / 2 * 2;  // even: bn is a multiple of 8
-  p.bn = p.cg * kTN;
-  p.col_tiles = ceil_div(N, p.bn);
-  const int64_t max_splits = max64(1, min64(kMaxWgSplits, ceil_div(rows, kMinRowsPerSplit)));
-  const int64_t splits = max64(1, min64(max_splits, ceil_div(kTargetWgBlocks, p.col_tiles)));
-  p.rows_per_split = max64(1, ceil_div(rows, splits));
-  p.splits = max64(1, ceil_div(rows, p.rows_per_split));  // no empty split
-  p.smem_bytes = size_t(kWgBK) * (p.rp + p.bn) * sizeof(acc_t<T>);
-  return p;
-}
-
-template <typename T, typename L, bool kVecIO>
-__global__ void __launch_bounds__(kThreads)
-    kron_weight_grad_partial_kernel(WeightGradPlan pl, const L* __restrict__ lhs, const T* __restrict__ rhs,
-                                    int64_t rows, int R, int64_t N, acc_t<T>* __restrict__ partials) {
-  using A = acc_t<T>;
-  constexpr int V = kVecIO ? kVec<T> : 1;
-  ELR_DYNAMIC_SHARED(A, smem);
-  const int rp = pl.rp, bn = pl.bn, cg = pl.cg;
-  A* ls = smem;                // [kWgBK][rp]
-  A* rs = smem + kWgBK * rp;   // [kWgBK][bn]
-  const int tid = threadIdx.x;
-  const bool active = tid < (rp / kTN) * cg;
-  const int j0 = (tid / cg) * kTM, c0 = (tid % cg) * kTN;
-  const int64_t n0 = int64_t(blockIdx.x) * bn;
-  const int64_t row_begin = int64_t(blockIdx.y) * pl.rows_per_split;
-  const int64_t row_end = min64(rows, row_begin + pl.rows_per_split);
-
-  A acc[kTM][kTN];
-  ELR_UNROLL
-  for (int i = 0; i < kTM; ++i) {
-    ELR_UNROLL
-    for (int j = 0; j < kTN; ++j) acc[i][j] = A(0);
-  }
-  for (int64_t k0 = row_begin; k0 < row_end; k0 += kWgBK) {
-    for (int e = tid; e < kWgBK * rp; e += kThreads) {
-      const int kk = e / rp, j = e % rp;
-      ls[e] = k0 + kk < row_end && j < R ? A(Convert<L>::to(lhs[(k0 + kk) * R + j])) : A(0);
-    }
-    const int packs = bn / V;
-    for (int e = tid; e < kWgBK * packs; e += kThreads) {
-      const int kk = e / packs, c = (e % packs) * V;
-      A vals[V];
-      if (k0 + kk < row_end && n0 + c < N) {
-        if constexpr (kVecIO) {
-          load_acc<T, V>(rhs + (k0 + kk) * N + n0 + c, vals);
-        } else {
-          vals[0] = to_acc(rhs[(k0 + kk) * N + n0 + c]);
-        }
-      } else {
-        ELR_UNROLL
-        for (int v = 0; v < V; ++v) vals[v] = A(0);
-      }
-      ELR_UNROLL
-      for (int v = 0; v < V; ++v) rs[kk * bn + c + v] = vals[v];
-    }
-    __syncthreads();
-    if (active) {
-      for (int kk = 0; kk < kWgBK; ++kk) {
-        A a[kTM], bv[kTN];
-        ELR_UNROLL
-        for (int i = 0; i < kTM; ++i) a[i] = ls[kk * rp + j0 + i];
-        ELR_UNROLL
-        for (int j = 0; j < kTN; ++j) bv[j] = rs[kk * bn + c0 + j];
-        ELR_UNROLL
-        for (int i = 0; i < kTM; ++i) {
-          ELR_UNROLL
-          for (int j = 0; j < kTN; ++j) acc[i][j] += a[i] * bv[j];
-        }
-      }
-    }
-    __syncthreads();
-  }
-  if (!active) return;
-  A* out = partials + int64_t(blockIdx.y) * R * N;
-  ELR_UNROLL
-  for (int i = 0; i < kTM; ++i) {
-    ELR_UNROLL
-    for (int j = 0; j < kTN; ++j) {
-      if (j0 + i < R && n0 + c0 + j < N) out[(j0 + i) * N + n0 + c0 + j] = acc[i][j];
-    }
-  }
-}
-
-// Sums the splits of a weight-gradient reduction in split order, one thread per output element:
-// u_layout: out is dU [T, b1=N, r] and gets scale * sum; else out is [R, N] (dV, [T, r, b2]).
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    kron_sum_splits_kernel(const acc_t<T>* __restrict__ partials, int64_t splits, int64_t R, int64_t N, int64_t r,
-                           bool u_layout, acc_t<T> scale, T* __restrict__ out) {
-  using A = acc_t<T>;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < R * N; e += int64_t(gridDim.x) * blockDim.x) {
-    int64_t j, c;
-    if (u_layout) {
-      const int64_t t = e / (N * r), rem = e % (N * r);
-      c = rem / r;
-      j = t * r + rem % r;
-    } else {
-      j = e / N;
-      c = e % N;
-    }
-    A sum = A(0);
-    for (int64_t sp = 0; sp < splits; ++sp) sum += partials[(sp * R + j) * N + c];
-    out[e] = from_acc<T>(u_layout ? scale * sum : sum);
-  }
-}
-
+// ---- Fixed-order reductions ----------------------------------------------------------------------
 // Sum over the whole block, fixed order (warp shuffles, then warp 0). Thread 0 gets the result.
 template <typename A>
 __device__ __forceinline__ A block_sum(A v) {
@@ -728,31 +682,6 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t i = 0; i < s.a1; ++i) sum += to_acc(a[i * s.a2]) * to_acc(in[i * R]);
     dt[e] = from_acc<T>(sum);
   }
-}
-
-// grid (splits): partials[split][t,i,p] = sum over the split's tokens m and s < r of
-// ds[m,i,(t,s)] tmat[m,p,(t,s)].
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    kron_mix_grad_A_partial_kernel(KronShape s, int64_t tokens_per_split, const T* __restrict__ ds,
-                                   const T* __restrict__ tmat, acc_t<T>* __restrict__ partials) {
-  using A = acc_t<T>;
-  const int64_t R = rank_cols(s), na = s.T * s.a1 * s.a2;
-  const int64_t m_begin = int64_t(blockIdx.x) * tokens_per_split, m_end = min64(s.M, m_begin + tokens_per_split);
-  for (int64_t e = threadIdx.x; e < na; e += kThreads) {
-    const int64_t t = e / (s.a1 * s.a2), i = (e / s.a2) % s.a1, p = e % s.a2;
-    A sum = A(0);
-    for (int64_t m = m_begin; m < m_end; ++m) {
-      const T* dsr = ds + (m * s.a1 + i) * R + t * s.r;
-      const T* tr = tmat + (m * s.a2 + p) * R + t * s.r;
-      for (int64_t q = 0; q < s.r; ++q) sum += to_acc(dsr[q]) * to_acc(tr[q]);
-    }
-    partials[int64_t(blockIdx.x) * na + e] = sum;
-  }
-}
-
-inline int64_t mix_grad_A_splits(const KronShape& s) {
-  return max64(1, min64(kMaxMixSplits, ceil_div(s.M, kMinTokensPerSplit)));
 }
 
 // ---- kron_delta -------------------------------------------------------------------------------
@@ -860,70 +789,71 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+}  // namespace kron_detail
+
+#ifndef ELR_EXT_NVRTC
 // ---- Host side ------------------------------------------------------------------------------------
-inline dim3 grid_for(int64_t n) { return dim3(unsigned(max64(1, min64(kMaxGridX, ceil_div(n, kThreads))))); }
-
-// Workspace layout of the fused backward (each segment 256-byte aligned).
-struct BackwardWorkspace {
-  size_t dt = 0, smat = 0, dA = 0, dU = 0, dV = 0, total = 0;  // byte offsets, total size
-};
-
-template <typename T>
-BackwardWorkspace backward_workspace_layout(const KronShape& s) {
-  using A = acc_t<T>;
-  const FusedPlan pl = make_fused_plan<T>(s);
-  const int64_t R = s.rank_cols();
-  const WeightGradPlan pu = make_weight_grad_plan<T>(s.M * s.a1, R, s.b1);
-  const WeightGradPlan pv = make_weight_grad_plan<T>(s.M * s.a2, R, s.b2);
-  BackwardWorkspace w;
-  size_t at = 0;
-  w.dt = at;
-  at += align256(size_t(s.M * s.a2 * R) * sizeof(A));
-  w.smat = at;
-  at += align256(size_t(s.M * s.a1 * R) * sizeof(T));
-  w.dA = at;
-  at += align256(size_t(pl.blocks * s.T * s.a1 * s.a2) * sizeof(A));
-  w.dU = at;
-  at += align256(size_t(pu.splits * R * s.b1) * sizeof(A));
-  w.dV = at;
-  at += align256(size_t(pv.splits * R * s.b2) * sizeof(A));
-  w.total = at;
-  return w;
-}
-
-template <typename T, typename L>
-void launch_weight_grad(const KronShape& s, const L* lhs, const T* rhs, int64_t rows, int64_t N, bool u_layout,
-                        acc_t<T> scale, acc_t<T>* partials, T* out, cudaStream_t stream) {
-  const int64_t R = s.rank_cols();
-  const WeightGradPlan pl = make_weight_grad_plan<T>(rows, R, N);
-  const dim3 grid(unsigned(pl.col_tiles), unsigned(pl.splits));
-  if (N % kVec<T> == 0 && aligned16({rhs})) {
-    const auto kernel = &kron_weight_grad_partial_kernel<T, L, true>;
-    ELR_LAUNCH(kernel, grid, dim3(kThreads), pl.smem_bytes, stream, pl, lhs, rhs, rows, int(R), N, partials);
-  } else {
-    const auto kernel = &kron_weight_grad_partial_kernel<T, L, false>;
-    ELR_LAUNCH(kernel, grid, dim3(kThreads), pl.smem_bytes, stream, pl, lhs, rhs, rows, int(R), N, partials);
-  }
-  const auto finalize = &kron_sum_splits_kernel<T>;
-  ELR_LAUNCH(finalize, grid_for(R * N), dim3(kThreads), 0, stream, static_cast<const acc_t<T>*>(partials),
-             pl.splits, R, N, s.r, u_layout, scale, out);
-}
-
+namespace kron_detail {
+inline int64_t grid_stride_blocks(int64_t n) { return max64(1, min64(kMaxGridX, ceil_div(n, kThreads))); }
+inline dim3 grid_of(const KronGrid& g) { return dim3(unsigned(g.blocks)); }
 }  // namespace kron_detail
 
 // ---- API definitions ------------------------------------------------------------------------------
+inline const char* kron_kernel_name(KronKernel k) {
+  switch (k) {
+    case KronKernel::kFusedForward: return "kron_fused_forward";
+    case KronKernel::kFusedBackward: return "kron_fused_backward";
+    case KronKernel::kFusedGradASum: return "kron_fused_grad_A_sum";
+    case KronKernel::kMixForward: return "kron_mix_forward";
+    case KronKernel::kMixBackward: return "kron_mix_backward";
+    case KronKernel::kDeltaProduct: return "kron_delta_product";
+    case KronKernel::kDeltaExpand: return "kron_delta_expand";
+    case KronKernel::kDeltaGradA: return "kron_delta_grad_A";
+    case KronKernel::kDeltaGradB: return "kron_delta_grad_B";
+    case KronKernel::kDeltaGradU: return "kron_delta_grad_U";
+    case KronKernel::kDeltaGradV: return "kron_delta_grad_V";
+    default: return "";
+  }
+}
+
+template <typename T>
+KronGrid kron_grid(KronKernel k, const KronShape& s, int sm_count) {
+  using namespace kron_detail;
+  const int64_t R = s.rank_cols(), tokens = s.M > 0 ? 1 : 0;
+  switch (k) {
+    case KronKernel::kFusedForward:
+    case KronKernel::kFusedBackward: {
+      const FusedPlan p = make_fused_plan<T>(s, sm_count);
+      return {tokens * p.blocks, p.smem_bytes};
+    }
+    case KronKernel::kFusedGradASum:
+      return {make_fused_plan<T>(s, sm_count).bm > 0 ? tokens * s.T * s.a1 * s.a2 : 0, 0};
+    case KronKernel::kMixForward: return {tokens * grid_stride_blocks(s.M * s.a1 * R), 0};
+    case KronKernel::kMixBackward: return {tokens * grid_stride_blocks(s.M * s.a2 * R), 0};
+    case KronKernel::kDeltaProduct:
+    case KronKernel::kDeltaGradB: return {grid_stride_blocks(s.T * s.b1 * s.b2), 0};
+    case KronKernel::kDeltaExpand: return {grid_stride_blocks(s.d_out() * s.d_in()), 0};
+    case KronKernel::kDeltaGradA: return {s.T * s.a1 * s.a2, 0};
+    case KronKernel::kDeltaGradU: return {grid_stride_blocks(s.T * s.b1 * s.r), 0};
+    case KronKernel::kDeltaGradV: return {grid_stride_blocks(s.T * s.r * s.b2), 0};
+    default: return {};
+  }
+}
+
 template <typename T>
 bool kron_fused_supported(const KronShape& s) {
-  return kron_detail::make_fused_plan<T>(s).bm > 0;
+  using namespace kron_detail;
+  return fused_shape_ok(s) && fused_plan_fits<T>(fused_plan_for<T>(s, 1));
 }
 
 template <typename T>
 void kron_lora_forward_fused_cuda(const KronShape& s, const T* x, const T* A, const T* U, const T* V, T* y,
-                                  bool accumulate, double scale, T* tmat, T* smat, cudaStream_t stream) {
+                                  bool accumulate, double scale, T* tmat, T* smat, int sm_count,
+                                  cudaStream_t stream) {
   using namespace kron_detail;
   if (s.M == 0) return;
-  const FusedPlan pl = make_fused_plan<T>(s);
-  const dim3 grid(unsigned(pl.blocks));
+  const FusedPlan pl = make_fused_plan<T>(s, sm_count);
+  const dim3 grid = grid_of(kron_grid<T>(KronKernel::kFusedForward, s, sm_count));
   const acc_t<T> sc = acc_t<T>(scale);
   if (s.b1 % kVec<T> == 0 && s.b2 % kVec<T> == 0 && aligned16({x, y})) {
     const auto kernel = &kron_fused_forward_kernel<T, true>;
@@ -935,21 +865,20 @@ void kron_lora_forward_fused_cuda(const KronShape& s, const T* x, const T* A, co
 }
 
 template <typename T>
-size_t kron_lora_backward_fused_workspace_bytes(const KronShape& s) {
-  return kron_detail::backward_workspace_layout<T>(s).total;
+size_t kron_lora_backward_fused_workspace_bytes(const KronShape& s, int sm_count) {
+  using namespace kron_detail;
+  const FusedPlan pl = make_fused_plan<T>(s, sm_count);
+  return align256(size_t(pl.blocks * s.T * s.a1 * s.a2) * sizeof(acc_t<T>));
 }
 
 template <typename T>
 void kron_lora_backward_fused_cuda(const KronShape& s, const T* dy, const T* x, const T* A, const T* U, const T* V,
-                                   const T* tmat, const T* smat, double scale, T* dx, bool accumulate_dx, T* dA,
-                                   T* dU, T* dV, void* workspace, cudaStream_t stream) {
+                                   const T* tmat, double scale, T* dx, bool accumulate_dx, T* dA, T* smat_out,
+                                   T* dt_out, void* workspace, int sm_count, cudaStream_t stream) {
   using namespace kron_detail;
   using Acc = acc_t<T>;
-  if (s.M == 0 || (dx == nullptr && dA == nullptr && dU == nullptr && dV == nullptr)) return;
-  const FusedPlan pl = make_fused_plan<T>(s);
-  const BackwardWorkspace w = backward_workspace_layout<T>(s);
-  auto* ws = static_cast<unsigned char*>(workspace);
-  const bool recompute_smat = dU != nullptr && smat == nullptr;
+  if (s.M == 0 || (dx == nullptr && dA == nullptr && smat_out == nullptr && dt_out == nullptr)) return;
+  const FusedPlan pl = make_fused_plan<T>(s, sm_count);
   FusedBackwardArgs<T> g;
   g.dy = dy;
   g.x = x;
@@ -960,34 +889,22 @@ void kron_lora_backward_fused_cuda(const KronShape& s, const T* dy, const T* x, 
   g.scale = Acc(scale);
   g.dx = dx;
   g.accumulate_dx = accumulate_dx;
-  g.need_tmat = dA != nullptr || recompute_smat;
-  g.dA_partials = dA != nullptr ? reinterpret_cast<Acc*>(ws + w.dA) : nullptr;
-  g.smat_out = recompute_smat ? reinterpret_cast<T*>(ws + w.smat) : nullptr;
-  g.dt_out = dV != nullptr ? reinterpret_cast<Acc*>(ws + w.dt) : nullptr;
-  if (dx != nullptr || dA != nullptr || dV != nullptr || recompute_smat) {
-    const dim3 grid(unsigned(pl.blocks));
-    if (s.b1 % kVec<T> == 0 && s.b2 % kVec<T> == 0 && aligned16({dy, x, dx})) {
-      const auto kernel = &kron_fused_backward_kernel<T, true>;
-      ELR_LAUNCH(kernel, grid, dim3(kThreads), pl.smem_bytes, stream, s, pl, g);
-    } else {
-      const auto kernel = &kron_fused_backward_kernel<T, false>;
-      ELR_LAUNCH(kernel, grid, dim3(kThreads), pl.smem_bytes, stream, s, pl, g);
-    }
+  g.need_tmat = dA != nullptr || smat_out != nullptr;
+  g.dA_partials = dA != nullptr ? static_cast<Acc*>(workspace) : nullptr;
+  g.smat_out = smat_out;
+  g.dt_out = dt_out;
+  const dim3 grid = grid_of(kron_grid<T>(KronKernel::kFusedBackward, s, sm_count));
+  if (s.b1 % kVec<T> == 0 && s.b2 % kVec<T> == 0 && aligned16({dy, x, dx})) {
+    const auto kernel = &kron_fused_backward_kernel<T, true>;
+    ELR_LAUNCH(kernel, grid, dim3(kThreads), pl.smem_bytes, stream, s, pl, g);
+  } else {
+    const auto kernel = &kron_fused_backward_kernel<T, false>;
+    ELR_LAUNCH(kernel, grid, dim3(kThreads), pl.smem_bytes, stream, s, pl, g);
   }
   if (dA != nullptr) {
-    const int64_t na = s.T * s.a1 * s.a2;
     const auto finalize = &kron_sum_rows_kernel<T>;
-    ELR_LAUNCH(finalize, dim3(unsigned(na)), dim3(kThreads), 0, stream, static_cast<const Acc*>(g.dA_partials),
-               pl.blocks, na, dA);
-  }
-  if (dU != nullptr) {  // dU[t,k,s] = scale * sum_{rows (m,i)} dy[row, k] smat[row, (t,s)]
-    const T* sm = recompute_smat ? g.smat_out : smat;
-    launch_weight_grad<T, T>(s, sm, dy, s.M * s.a1, s.b1, true, g.scale, reinterpret_cast<Acc*>(ws + w.dU), dU,
-                             stream);
-  }
-  if (dV != nullptr) {  // dV[t,s,q] = sum_{rows (m,p)} dt[row, (t,s)] x[row, q]
-    launch_weight_grad<T, Acc>(s, g.dt_out, x, s.M * s.a2, s.b2, false, Acc(1), reinterpret_cast<Acc*>(ws + w.dV),
-                               dV, stream);
+    ELR_LAUNCH(finalize, grid_of(kron_grid<T>(KronKernel::kFusedGradASum, s, sm_count)), dim3(kThreads), 0, stream,
+               static_cast<const Acc*>(g.dA_partials), pl.blocks, s.T * s.a1 * s.a2, dA);
   }
 }
 
@@ -996,7 +913,8 @@ void kron_mix_forward_cuda(const KronShape& s, const T* A, const T* tmat, T* sma
   using namespace kron_detail;
   if (s.M == 0) return;
   const auto kernel = &kron_mix_forward_kernel<T>;
-  ELR_LAUNCH(kernel, grid_for(s.M * s.a1 * s.rank_cols()), dim3(kThreads), 0, stream, s, A, tmat, smat);
+  ELR_LAUNCH(kernel, grid_of(kron_grid<T>(KronKernel::kMixForward, s, 0)), dim3(kThreads), 0, stream, s, A, tmat,
+             smat);
 }
 
 template <typename T>
@@ -1004,28 +922,8 @@ void kron_mix_backward_cuda(const KronShape& s, const T* A, const T* ds, T* dt, 
   using namespace kron_detail;
   if (s.M == 0) return;
   const auto kernel = &kron_mix_backward_kernel<T>;
-  ELR_LAUNCH(kernel, grid_for(s.M * s.a2 * s.rank_cols()), dim3(kThreads), 0, stream, s, A, ds, dt);
-}
-
-template <typename T>
-size_t kron_mix_grad_A_workspace_bytes(const KronShape& s) {
-  return kron_detail::align256(size_t(kron_detail::mix_grad_A_splits(s) * s.T * s.a1 * s.a2) * sizeof(acc_t<T>));
-}
-
-template <typename T>
-void kron_mix_grad_A_cuda(const KronShape& s, const T* ds, const T* tmat, T* dA, void* workspace,
-                          cudaStream_t stream) {
-  using namespace kron_detail;
-  using Acc = acc_t<T>;
-  if (s.M == 0) return;
-  const int64_t splits = mix_grad_A_splits(s), per_split = ceil_div(s.M, splits);
-  const int64_t used = ceil_div(s.M, per_split), na = s.T * s.a1 * s.a2;
-  auto* partials = static_cast<Acc*>(workspace);
-  const auto kernel = &kron_mix_grad_A_partial_kernel<T>;
-  ELR_LAUNCH(kernel, dim3(unsigned(used)), dim3(kThreads), 0, stream, s, per_split, ds, tmat, partials);
-  const auto finalize = &kron_sum_rows_kernel<T>;
-  ELR_LAUNCH(finalize, dim3(unsigned(na)), dim3(kThreads), 0, stream, static_cast<const Acc*>(partials), used, na,
-             dA);
+  ELR_LAUNCH(kernel, grid_of(kron_grid<T>(KronKernel::kMixBackward, s, 0)), dim3(kThreads), 0, stream, s, A, ds,
+             dt);
 }
 
 template <typename T>
@@ -1040,10 +938,11 @@ void kron_delta_cuda(const KronShape& s, const T* A, const T* U, const T* V, T* 
   using Acc = acc_t<T>;
   auto* B = static_cast<Acc*>(workspace);
   const auto product = &kron_delta_product_kernel<T>;
-  ELR_LAUNCH(product, grid_for(s.T * s.b1 * s.b2), dim3(kThreads), 0, stream, s, U, V, B);
+  ELR_LAUNCH(product, grid_of(kron_grid<T>(KronKernel::kDeltaProduct, s, 0)), dim3(kThreads), 0, stream, s, U, V,
+             B);
   const auto expand = &kron_delta_expand_kernel<T>;
-  ELR_LAUNCH(expand, grid_for(s.d_out() * s.d_in()), dim3(kThreads), 0, stream, s, A, static_cast<const Acc*>(B),
-             dW);
+  ELR_LAUNCH(expand, grid_of(kron_grid<T>(KronKernel::kDeltaExpand, s, 0)), dim3(kThreads), 0, stream, s, A,
+             static_cast<const Acc*>(B), dW);
 }
 
 template <typename T>
@@ -1056,26 +955,29 @@ void kron_delta_backward_cuda(const KronShape& s, const T* grad, const T* A, con
                               T* dV, void* workspace, cudaStream_t stream) {
   using namespace kron_detail;
   using Acc = acc_t<T>;
-  const int64_t n = s.T * s.b1 * s.b2;
   auto* B = static_cast<Acc*>(workspace);
   auto* dB = reinterpret_cast<Acc*>(static_cast<unsigned char*>(workspace) + kron_delta_workspace_bytes<T>(s));
   if (dA != nullptr) {
     const auto product = &kron_delta_product_kernel<T>;
-    ELR_LAUNCH(product, grid_for(n), dim3(kThreads), 0, stream, s, U, V, B);
+    ELR_LAUNCH(product, grid_of(kron_grid<T>(KronKernel::kDeltaProduct, s, 0)), dim3(kThreads), 0, stream, s, U, V,
+               B);
     const auto grad_a = &kron_delta_grad_A_kernel<T>;
-    ELR_LAUNCH(grad_a, dim3(unsigned(s.T * s.a1 * s.a2)), dim3(kThreads), 0, stream, s, grad,
+    ELR_LAUNCH(grad_a, grid_of(kron_grid<T>(KronKernel::kDeltaGradA, s, 0)), dim3(kThreads), 0, stream, s, grad,
                static_cast<const Acc*>(B), dA);
   }
   if (dU == nullptr && dV == nullptr) return;
   const auto grad_b = &kron_delta_grad_B_kernel<T>;
-  ELR_LAUNCH(grad_b, grid_for(n), dim3(kThreads), 0, stream, s, grad, A, dB);
+  ELR_LAUNCH(grad_b, grid_of(kron_grid<T>(KronKernel::kDeltaGradB, s, 0)), dim3(kThreads), 0, stream, s, grad, A,
+             dB);
   if (dU != nullptr) {
     const auto grad_u = &kron_delta_grad_U_kernel<T>;
-    ELR_LAUNCH(grad_u, grid_for(s.T * s.b1 * s.r), dim3(kThreads), 0, stream, s, static_cast<const Acc*>(dB), V, dU);
+    ELR_LAUNCH(grad_u, grid_of(kron_grid<T>(KronKernel::kDeltaGradU, s, 0)), dim3(kThreads), 0, stream, s,
+               static_cast<const Acc*>(dB), V, dU);
   }
   if (dV != nullptr) {
     const auto grad_v = &kron_delta_grad_V_kernel<T>;
-    ELR_LAUNCH(grad_v, grid_for(s.T * s.r * s.b2), dim3(kThreads), 0, stream, s, U, static_cast<const Acc*>(dB), dV);
+    ELR_LAUNCH(grad_v, grid_of(kron_grid<T>(KronKernel::kDeltaGradV, s, 0)), dim3(kThreads), 0, stream, s, U,
+               static_cast<const Acc*>(dB), dV);
   }
 }
 
@@ -1083,20 +985,19 @@ void kron_delta_backward_cuda(const KronShape& s, const T* grad, const T* A, con
 #define ELR_KRON_INSTANTIATIONS(PREFIX, T)                                                                         \
   PREFIX template bool kron_fused_supported<T>(const KronShape&);                                                  \
   PREFIX template void kron_lora_forward_fused_cuda<T>(const KronShape&, const T*, const T*, const T*, const T*,   \
-                                                       T*, bool, double, T*, T*, cudaStream_t);                    \
-  PREFIX template size_t kron_lora_backward_fused_workspace_bytes<T>(const KronShape&);                            \
+                                                       T*, bool, double, T*, T*, int, cudaStream_t);               \
+  PREFIX template size_t kron_lora_backward_fused_workspace_bytes<T>(const KronShape&, int);                       \
   PREFIX template void kron_lora_backward_fused_cuda<T>(const KronShape&, const T*, const T*, const T*, const T*,  \
-                                                        const T*, const T*, const T*, double, T*, bool, T*, T*, T*, \
-                                                        void*, cudaStream_t);                                      \
+                                                        const T*, const T*, double, T*, bool, T*, T*, T*, void*,   \
+                                                        int, cudaStream_t);                                        \
   PREFIX template void kron_mix_forward_cuda<T>(const KronShape&, const T*, const T*, T*, cudaStream_t);           \
   PREFIX template void kron_mix_backward_cuda<T>(const KronShape&, const T*, const T*, T*, cudaStream_t);          \
-  PREFIX template size_t kron_mix_grad_A_workspace_bytes<T>(const KronShape&);                                     \
-  PREFIX template void kron_mix_grad_A_cuda<T>(const KronShape&, const T*, const T*, T*, void*, cudaStream_t);     \
   PREFIX template size_t kron_delta_workspace_bytes<T>(const KronShape&);                                          \
   PREFIX template void kron_delta_cuda<T>(const KronShape&, const T*, const T*, const T*, T*, void*, cudaStream_t); \
   PREFIX template size_t kron_delta_backward_workspace_bytes<T>(const KronShape&);                                 \
   PREFIX template void kron_delta_backward_cuda<T>(const KronShape&, const T*, const T*, const T*, const T*, T*,   \
-                                                   T*, T*, void*, cudaStream_t);
+                                                   T*, T*, void*, cudaStream_t);                                   \
+  PREFIX template KronGrid kron_grid<T>(KronKernel, const KronShape&, int);
 #define ELR_KRON_FOR_EACH_DTYPE(PREFIX)          \
   ELR_KRON_INSTANTIATIONS(PREFIX, float)         \
   ELR_KRON_INSTANTIATIONS(PREFIX, double)        \
@@ -1106,5 +1007,6 @@ void kron_delta_backward_cuda(const KronShape& s, const T* grad, const T* A, con
 #if !defined(ELR_CUDA_SIM) && !defined(ELR_KRON_INSTANTIATE)
 ELR_KRON_FOR_EACH_DTYPE(extern)
 #endif
+#endif  // ELR_EXT_NVRTC
 
 }  // namespace elr

@@ -20,7 +20,9 @@
 //   dx[m, p * b2 + q] += sum_j dt[m, p, j] V[t, s, q]
 #pragma once
 
+#ifndef ELR_EXT_NVRTC  // NVRTC: cuda_common.cuh, included first, supplies the fixed-width types
 #include <cstdint>
+#endif
 
 namespace elr {
 
