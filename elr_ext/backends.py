@@ -32,14 +32,15 @@ _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 # GPU dispatch table: which of cuda / triton an op uses, per dtype and compute capability, where
 # the _PREFERENCE order (cuda first) is not the best choice. Key (op, dtype name); value
 # {minimum capability: backend}, the highest minimum at or below the device's capability wins;
-# anything absent keeps the _PREFERENCE order. It is meant to be derived from the triton and cuda
-# arms of benchmarks/{fdn,kron_gemm,lowrank_proj}.py run side by side on each GPU; no GPU has run
-# them yet, so these entries are reasoned defaults, not measurements:
+# anything absent keeps the _PREFERENCE order. benchmarks/gpu_check.py prints the table its
+# measurements imply (stage 6); paste it here with the card's name. Measured entries: none yet (no
+# GPU has run gpu_check.py). Reasoned entries:
 #   - kron_lora, fp16/bf16, sm_80+: triton. Its fused kernels run the rank-space products
 #     (X V_cat^T, smat U_cat, dY U_cat^T) with tl.dot on the tensor cores; the CUDA fused kernels
 #     run them on the SIMT pipes (csrc/kernels/kron_lora.cuh), and the base GEMM is cuBLAS in both.
-#   - kron_lora fp32/fp64, fdn (memory-bound: both backends move the same bytes, and the CUDA
-#     kernels also serve sm_70), lowrank_proj (cuBLAS GEMMs on the cuda backend): cuda.
+#   - everything else, cuda: kron_lora fp32/fp64 and bf16 below sm_80 (the CUDA kernels only convert
+#     bf16, so they run on sm_70/75, where Triton does not), fdn (memory-bound: both backends move the
+#     same bytes), lowrank_proj (cuBLAS GEMMs on the cuda backend).
 GPU_DISPATCH = {
     ("kron_lora", "float16"): {(8, 0): "triton"},
     ("kron_lora", "bfloat16"): {(8, 0): "triton"},
