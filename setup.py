@@ -10,6 +10,13 @@ Switches (the ones flash-attention and xformers users know):
 Install with `pip install -e . --no-build-isolation` after torch is installed. Everything the build
 decided (backends, CUDA version, archs, what it dropped and why) is printed and written to
 elr_ext/_build_info.json, which `elr_ext.build_info()` reads.
+
+The CUDA kernels' resources: ptxas reports every kernel's registers, stack frame, spill stores and
+loads and shared memory per arch as it compiles (`-Xptxas -v`, in the build log), and after the
+build `cuobjdump --dump-resource-usage` on the built elr_ext/_C_cuda*.so gives the same per kernel
+and arch (REG, STACK, SHARED, LOCAL): one "[elr-ext cuda-resources]" log line each, the table in
+build/cuda_resources.json and a summary under "cuda_resources" in _build_info.json.
+tests/test_cuda_resources.py checks the shipped binary with the same parser.
 """
 
 import glob
@@ -167,7 +174,7 @@ def extensions_and_info():
                     include_dirs=[os.path.join(HERE, "csrc")] + cuda_library_include_dirs(),
                     extra_compile_args={
                         "cxx": cxx_flags + defines,
-                        "nvcc": ["-O3", "-lineinfo"] + defines,
+                        "nvcc": ["-O3", "-lineinfo", "-Xptxas", "-v"] + defines,
                     },
                 )
             )
@@ -182,12 +189,139 @@ def extensions_and_info():
     for backend, why in info["skipped"].items():
         log(f"not building the {backend} extension: {why}")
     log(f"building: {', '.join(info['backends_built']) or 'nothing (pure Python)'}")
-    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
-    return ext_modules, cmdclass, info
+    base = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+    class BuildExtReportingCudaResources(base):
+        def run(self):
+            super().run()
+            for ext in self.extensions:
+                if ext.name == "elr_ext._C_cuda":
+                    report_cuda_resources(self.get_ext_fullpath(ext.name), info)
+                    # build_py copied _build_info.json before the extensions were built: a wheel
+                    # gets the file with the resources summary from build_lib
+                    staged = os.path.join(self.build_lib, "elr_ext", "_build_info.json")
+                    source = os.path.join(HERE, "elr_ext", "_build_info.json")
+                    if os.path.isdir(os.path.dirname(staged)) and not os.path.samefile(os.path.dirname(staged),
+                                                                                       os.path.dirname(source)):
+                        shutil.copyfile(source, staged)
+
+    return ext_modules, {"build_ext": BuildExtReportingCudaResources}, info
 
 
-def write_build_info(info):
-    path = os.path.join(HERE, "elr_ext", "_build_info.json")
+# ---- CUDA kernel resources (cuobjdump) ----------------------------------------------------------
+def find_cuobjdump():
+    """$ELR_EXT_CUOBJDUMP, the toolkit's, PATH's, else the copy triton ships (torch's CUDA wheels
+    bring triton; a toolkit without its binary utilities has no cuobjdump)."""
+    candidates = [os.environ.get("ELR_EXT_CUOBJDUMP")]
+    cuda_home = os.environ.get("CUDA_HOME") or find_cuda_home()
+    if cuda_home:
+        candidates.append(os.path.join(cuda_home, "bin", "cuobjdump"))
+    candidates.append(shutil.which("cuobjdump"))
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("triton")
+        if spec and spec.origin:
+            candidates.append(os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "cuobjdump"))
+    except (ImportError, ValueError):
+        pass
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+_RESOURCE_LINE = re.compile(r"(\w+)(?:\[\d+\])?:(\d+)")
+
+
+def parse_resource_usage(text, arch=None):
+    """`cuobjdump --dump-resource-usage` output -> one dict per (elf arch, function): arch ("sm_90"),
+    name (mangled), reg, stack, shared, local (bytes; registers a count). The PTX sections of a fat
+    binary carry no resources and are skipped; a bare cubin names no arch: pass it."""
+    records, function, elf = [], None, True
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("Fatbin "):
+            arch, function = None, None
+            elf = line.startswith("Fatbin elf code")
+        elif line.startswith("arch = ") and elf:
+            arch = line.split("=", 1)[1].strip()
+        elif line.startswith("Function ") and line.endswith(":"):
+            function = line[len("Function "):-1]
+        elif function and arch and line.startswith("REG:"):
+            fields = {k.lower(): int(v) for k, v in _RESOURCE_LINE.findall(line)}
+            records.append({"arch": arch, "name": function, "reg": fields.get("reg", 0),
+                            "stack": fields.get("stack", 0), "shared": fields.get("shared", 0),
+                            "local": fields.get("local", 0)})
+            function = None
+    return records
+
+
+def demangle(names):
+    """Readable names through c++filt where binutils has it, else the mangled ones."""
+    names = list(names)
+    tool = shutil.which("c++filt")
+    if not tool or not names:
+        return names
+    res = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True)
+    out = res.stdout.splitlines()
+    return out if res.returncode == 0 and len(out) == len(names) else names
+
+
+def cuda_resource_usage(binary, cuobjdump=None, arch=None):
+    """Per-kernel, per-arch resources of a built CUDA binary or cubin (`arch` for a cubin; see
+    parse_resource_usage), each with its demangled name as "kernel"; raises RuntimeError when
+    cuobjdump is missing or fails."""
+    cuobjdump = cuobjdump or find_cuobjdump()
+    if cuobjdump is None:
+        raise RuntimeError("no cuobjdump (CUDA_HOME/bin, PATH or triton's copy; or set ELR_EXT_CUOBJDUMP)")
+    res = subprocess.run([cuobjdump, "--dump-resource-usage", binary], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{cuobjdump} --dump-resource-usage {binary} failed: {res.stderr.strip()[-2000:]}")
+    records = parse_resource_usage(res.stdout, arch)
+    for record, readable in zip(records, demangle(r["name"] for r in records)):
+        record["kernel"] = readable
+    return records
+
+
+def report_cuda_resources(binary, info, root=HERE):
+    """Logs the built binary's per-kernel resources and writes them to <root>/build/cuda_resources.json
+    and a summary to _build_info.json. A missing cuobjdump is reported, never fatal."""
+    summary = {"binary": os.path.basename(binary), "table": os.path.join("build", "cuda_resources.json")}
+    try:
+        records = cuda_resource_usage(binary)
+    except RuntimeError as err:
+        log(f"CUDA kernel resources not reported: {err}")
+        summary["error"] = str(err)
+        records = None
+    if records is not None:
+        for r in sorted(records, key=lambda r: (r["kernel"], r["arch"])):
+            print(f"[elr-ext cuda-resources] {r['arch']} REG {r['reg']:3d} STACK {r['stack']:5d} "
+                  f"SHARED {r['shared']:6d} LOCAL {r['local']:5d}  {r['kernel']}", flush=True)
+        local = sorted({f"{r['kernel']} ({r['arch']}: stack {r['stack']}, local {r['local']})"
+                        for r in records if r["stack"] or r["local"]})
+        archs = sorted({r["arch"] for r in records})
+        top = max(records, key=lambda r: r["reg"], default=None)
+        summary.update({"kernels": len({r["name"] for r in records}), "archs": archs,
+                        "max_registers": top["reg"] if top else 0,
+                        "local_memory": local})
+        log(f"CUDA kernel resources: {summary['kernels']} kernels on {', '.join(archs)}; at most "
+            f"{summary['max_registers']} registers" + (f" ({top['kernel']}, {top['arch']})" if top else "") +
+            f"; stack/local memory (spills) in {len(local)} kernel-arch pair(s)")
+        for entry in local:
+            print(f"[elr-ext cuda-resources] local memory: {entry}", flush=True)
+        os.makedirs(os.path.join(root, "build"), exist_ok=True)
+        path = os.path.join(root, "build", "cuda_resources.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"binary": binary, "kernels": records}, f, indent=1)
+        os.replace(path + ".tmp", path)
+    if info.get("cuda"):
+        info["cuda"]["resources"] = summary
+        write_build_info(info, root)
+
+
+def write_build_info(info, root=HERE):
+    path = os.path.join(root, "elr_ext", "_build_info.json")
     with open(path + ".tmp", "w") as f:
         json.dump(info, f, indent=2)
     os.replace(path + ".tmp", path)

@@ -3,8 +3,11 @@ that survives a missing native part."""
 
 from __future__ import annotations
 
+import glob
 import importlib.util
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,3 +112,121 @@ def test_import_without_native_parts_warns_once_and_falls_back():
                          env={k: v for k, v in os.environ.items() if k != "ELR_EXT_BACKEND"}, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "blocked by the test" in res.stdout
+
+
+# ---- CUDA kernel resources in the build log ---------------------------------------------------------
+CUOBJDUMP_SAMPLE = """
+Fatbin elf code:
+================
+arch = sm_75
+code version = [1,8]
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _ZN3elr10fdn_detail16fdn_stats_kernelIfLi4EEEvNS0_6TilingEPKT_PNS_7AccTypeIS3_E4typeE:
+  REG:40 STACK:0 SHARED:96 LOCAL:0 CONSTANT[0]:456 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _ZN3elr11kron_detail20kron_mix_forward_kernelIfEEvNS_9KronShapeEPKT_S5_PS3_:
+  REG:80 STACK:24 SHARED:0 LOCAL:0 CONSTANT[0]:400 TEXTURE:0 SURFACE:0 SAMPLER:0
+
+Fatbin ptx code:
+================
+arch = sm_90
+code version = [9,0]
+compressed
+"""
+
+
+def fake_cuobjdump(tmp_path):
+    path = tmp_path / "cuobjdump"
+    path.write_text("#!/bin/sh\ncat <<'EOF'\n" + CUOBJDUMP_SAMPLE + "EOF\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_parse_resource_usage_reads_elf_sections_and_skips_ptx():
+    setup = load_setup_module()
+    records = setup.parse_resource_usage(CUOBJDUMP_SAMPLE)
+    assert [(r["arch"], r["reg"], r["stack"], r["shared"], r["local"]) for r in records] == [
+        ("sm_75", 40, 0, 96, 0), ("sm_75", 80, 24, 0, 0)]
+    cubin = setup.parse_resource_usage(" Function _Z1kv:\n  REG:8 STACK:0 SHARED:0 LOCAL:0\n", "sm_70")
+    assert cubin == [{"arch": "sm_70", "name": "_Z1kv", "reg": 8, "stack": 0, "shared": 0, "local": 0}]
+
+
+def test_report_cuda_resources_logs_every_kernel_and_writes_the_table(tmp_path, monkeypatch, capsys):
+    setup = load_setup_module()
+    monkeypatch.setenv("ELR_EXT_CUOBJDUMP", fake_cuobjdump(tmp_path))
+    (tmp_path / "elr_ext").mkdir()
+    info = {"backends_built": ["cpu", "cuda"], "skipped": {}, "cuda": {"archs": ["7.5"]}}
+    setup.report_cuda_resources(str(tmp_path / "_C_cuda.so"), info, root=str(tmp_path))
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("[elr-ext cuda-resources] sm_75 REG")]
+    assert len(lines) == 2 and any("fdn_stats_kernel<float, 4>" in line for line in lines), out
+    assert "[elr-ext build] CUDA kernel resources: 2 kernels on sm_75; at most 80 registers" in out
+    assert "stack/local memory (spills) in 1 kernel-arch pair(s)" in out
+    table = json.loads((tmp_path / "build" / "cuda_resources.json").read_text())
+    assert [r["reg"] for r in table["kernels"]] == [40, 80]
+    written = json.loads((tmp_path / "elr_ext" / "_build_info.json").read_text())
+    summary = written["cuda"]["resources"]
+    assert summary["kernels"] == 2 and summary["max_registers"] == 80 and len(summary["local_memory"]) == 1
+
+
+def test_report_cuda_resources_without_cuobjdump_says_so(tmp_path, monkeypatch, capsys):
+    setup = load_setup_module()
+    monkeypatch.setattr(setup, "find_cuobjdump", lambda: None)
+    (tmp_path / "elr_ext").mkdir()
+    info = {"cuda": {"archs": ["9.0"]}}
+    setup.report_cuda_resources(str(tmp_path / "_C_cuda.so"), info, root=str(tmp_path))
+    assert "CUDA kernel resources not reported: no cuobjdump" in capsys.readouterr().out
+    assert "no cuobjdump" in info["cuda"]["resources"]["error"]
+    assert not (tmp_path / "build" / "cuda_resources.json").exists()
+
+
+@pytest.mark.skipif(torch.version.cuda is None or not os.path.exists("/usr/local/cuda/bin/nvcc") and
+                    shutil.which("nvcc") is None, reason="torch without CUDA, or no nvcc: no CUDA extension")
+def test_nvcc_flags_ask_ptxas_for_per_kernel_resources(monkeypatch):
+    setup = load_setup_module()
+    for name in ("ELR_EXT_NO_CUDA", "ELR_EXT_NO_BUILD"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST"):  # extensions_and_info sets them; restored after
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    ext_modules, cmdclass, info = setup.extensions_and_info()
+    cuda = [e for e in ext_modules if e.name == "elr_ext._C_cuda"]
+    assert cuda, info["skipped"]
+    nvcc = cuda[0].extra_compile_args["nvcc"]
+    assert any(a == "-Xptxas" and b == "-v" for a, b in zip(nvcc, nvcc[1:])), nvcc
+    assert cmdclass["build_ext"].__name__ == "BuildExtReportingCudaResources"
+
+
+def test_build_log_has_every_kernels_registers_and_spills_per_arch():
+    """What .ci/setup's build/pip-install.log must show for the CUDA extension it built: ptxas's
+    per-kernel lines (registers, stack frame, spill stores and loads) and the post-build cuobjdump
+    table, which build/cuda_resources.json holds too."""
+    info = elr_ext.build_info()["compiled"]
+    if not info or "cuda" not in info.get("backends_built", []):
+        pytest.skip("no CUDA extension built")
+    binaries = glob.glob(os.path.join(ROOT, "elr_ext", "_C_cuda*.so"))
+    log_path = os.path.join(ROOT, "build", "pip-install.log")
+    if not binaries or not os.path.exists(log_path):
+        pytest.skip("no build/pip-install.log next to a built CUDA extension (.ci/setup writes it)")
+    if os.path.getmtime(log_path) < os.path.getmtime(binaries[0]):
+        pytest.skip("build/pip-install.log predates the built CUDA extension: not the log of this build")
+    with open(log_path, errors="replace") as f:
+        log = f.read()
+    archs = ["sm_" + a.replace("+PTX", "").replace(".", "") for a in info["cuda"]["archs"]]
+    for family in ("_ZN3elr10fdn_detail", "_ZN3elr11kron_detail"):
+        for arch in archs:
+            assert re.search(rf"Compiling entry function '{family}\w*' for '{arch}'", log), (family, arch)
+    assert re.search(r"\d+ bytes stack frame, \d+ bytes spill stores, \d+ bytes spill loads", log)
+    assert re.search(r"Used \d+ registers", log)
+    table_lines = re.findall(
+        r"^\s*\[elr-ext cuda-resources\] (sm_\d+) REG +\d+ STACK +\d+ SHARED +\d+ LOCAL +\d+  (.+)$", log, re.M)
+    assert {arch for arch, _ in table_lines} >= set(archs), "no per-kernel cuobjdump table in the build log"
+    assert any("elr::fdn_detail::" in k for _, k in table_lines) and any("elr::kron_detail::" in k
+                                                                         for _, k in table_lines)
+    summary = info["cuda"].get("resources", {})
+    assert "error" not in summary, summary.get("error")
+    with open(os.path.join(ROOT, "build", "cuda_resources.json")) as f:
+        table = json.load(f)
+    assert os.path.basename(table["binary"]) == os.path.basename(binaries[0])
+    assert len(table["kernels"]) == len(table_lines)

@@ -1,22 +1,27 @@
 """The FDN CUDA kernels (csrc/kernels/fdn.cuh), run on the CPU through tests/cuda_sim (DESIGN.md 5),
-against a float64 PyTorch implementation of eq. 8 written here.
+against a float64 PyTorch implementation of eq. 8 written here; and the simulator's launch checks
+(the dynamic shared memory limit and its opt-in, per simulated arch).
 
 Every kernel call runs in a forked child with a timeout: a kernel that hangs fails its test instead
 of blocking the suite (the simulator itself aborts at once on a barrier or shuffle that not every
 thread reaches). The child touches no torch code: it calls the ctypes library on pointers prepared
 by the parent, writing into shared-memory outputs that the parent poisoned with NaN, then checks.
+The launchers size their grids by the SM count the simulated device reports: the small default
+(4) for most tests, the GPUs' own (harness.SM_COUNTS: 80, 108, 132) where the grid depends on it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cuda_sim.build import SimBuildUnavailable, compiler, load_fdn_sim
-from cuda_sim.harness import assert_close, ptr, run_in_child
+from cuda_sim.harness import (ARCH_SHARED_OPTIN_BYTES, DEFAULT_DYNAMIC_SHARED_BYTES, SM_COUNTS, assert_close, ptr,
+                              run_in_child, simulated_device)
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 NCHW, NHWC = 0, 1
@@ -104,14 +109,14 @@ class Case:
         out = self.out if out is None else out
         rc = lib.elr_fdn_sim_forward(*self.dims(), self.eps, ptr(self.z), ptr(self.gamma), ptr(self.beta),
                                      ptr(out), ptr(self.mean), ptr(self.rstd))
-        assert rc == 0
+        assert rc == 0, f"elr_fdn_sim_forward returned {rc} (-1: dtype; > 0: the cudaError_t of a refused launch)"
 
     def backward(self, lib, dz=True, dgamma=True, dbeta=True, with_beta=True):
         rc = lib.elr_fdn_sim_backward(*self.dims(), ptr(self.dout), ptr(self.z), ptr(self.gamma),
                                       ptr(self.beta) if with_beta else None, ptr(self.mean), ptr(self.rstd),
                                       ptr(self.dz) if dz else None, ptr(self.dgamma) if dgamma else None,
                                       ptr(self.dbeta) if dbeta else None)
-        assert rc == 0
+        assert rc == 0, f"elr_fdn_sim_backward returned {rc} (-1: dtype; > 0: the cudaError_t of a refused launch)"
 
     def check(self, grads=("dz", "dgamma", "dbeta")):
         ref, eager, mean, rstd = reference_results(self.z, self.gamma, self.beta, self.dout, self.shape[-1],
@@ -213,3 +218,179 @@ def test_nan_stays_in_its_group(sim, layout):
         assert torch.isnan(t[inside]).all(), f"{name}: the NaN group is not all NaN"
         assert torch.isfinite(t[~inside]).all(), f"{name}: NaN leaked out of its group"
     assert torch.isnan(case.mean[1, 1]) and torch.isfinite(case.mean.flatten()[[0, 1, 2, 3, 4, 6, 7]]).all()
+
+
+# ---- The simulated device: SM count --------------------------------------------------------------
+# The launchers split each group (n, g) over blocks until there are about kBlocksPerSm = 4 blocks per
+# SM (at most ceil(group size / 4096) and 64 per group), and the NHWC broadcast dgamma/dbeta kernel
+# its pixel range likewise (at most ceil(HW / 64) and 64 splits per (n, 32-channel tile)). A grid
+# sized so for a real GPU has hundreds of blocks per kernel, too many to simulate in a test (each
+# 256-thread block costs milliseconds), so: the geometry at Stable Diffusion's shapes on 80 / 108 /
+# 132 SMs with launches counted but not run, and the results at the same blocks per group on fewer
+# groups.
+SD_SHAPES = [(2, 320, 64, 64, 32), (2, 640, 32, 32, 32), (2, 1280, 16, 16, 32), (8, 320, 64, 64, 32)]
+
+
+def pack_width(shape, layout, broadcast, dtype=torch.float32):
+    """The elements per pack the launchers pick for 16-byte aligned tensors (pick_vec)."""
+    n, c, h, w, g = shape
+    v = 16 // torch.empty(0, dtype=dtype).element_size()
+    if layout == NCHW:
+        return v if ((h * w) if broadcast else (c // g * h * w)) % v == 0 else 1
+    return v if (c // g) % v == 0 else 1
+
+
+def group_splits(shape, sm_count, vec):
+    """Blocks per group (gridDim.y of the group kernels), as make_tiling picks them."""
+    n, c, h, w, g = shape
+    gsize = c // g * h * w
+    splits = max(1, min(math.ceil(4 * sm_count / (n * g)), math.ceil(gsize / 4096), 64))
+    packs = gsize // vec
+    return math.ceil(packs / math.ceil(packs / splits))
+
+
+def col_splits(shape, sm_count):
+    """Pixel-range splits of the NHWC broadcast dgamma/dbeta kernel."""
+    n, c, h, w, g = shape
+    wanted = math.ceil(4 * sm_count / (n * math.ceil(c / 32)))
+    rows = math.ceil(h * w / max(1, min(wanted, math.ceil(h * w / 64), 64)))
+    return math.ceil(h * w / rows)
+
+
+class GeometryCase:
+    """One FDN problem for launches that are counted, not run: every tensor argument is the same
+    16-byte aligned placeholder (nothing reads or writes it), so the launchers see aligned pointers
+    and pick the packs they would for real tensors."""
+
+    PLACEHOLDER = torch.zeros(16)
+
+    def __init__(self, shape, layout, broadcast):
+        self.shape, self.layout, self.broadcast = shape, layout, broadcast
+        self.stats = torch.zeros(2, 6, dtype=torch.int64).share_memory_()
+
+    def run(self, lib):
+        assert lib.elr_cuda_sim_get_geometry_only() == 1, "placeholder tensors: the kernels must not run"
+        n, c, h, w, g = self.shape
+        dims = (DTYPE_CODE[torch.float32], n, c, h * w, g, self.layout, int(self.broadcast), 1)
+        p = ptr(self.PLACEHOLDER)
+        for row, call in enumerate((lambda: lib.elr_fdn_sim_forward(*dims, 1e-5, *[p] * 6),
+                                    lambda: lib.elr_fdn_sim_backward(*dims, *[p] * 9))):
+            lib.elr_cuda_sim_reset_stats()
+            assert call() == 0
+            lib.elr_cuda_sim_stats(ctypes.cast(self.stats[row].data_ptr(), ctypes.POINTER(ctypes.c_int64)))
+
+
+@pytest.mark.parametrize("sm_count", SM_COUNTS)
+def test_launch_geometry_on_the_gpus_sm_counts(sim, sm_count):
+    """Stable Diffusion's FDN shapes on a simulated 80 / 108 / 132-SM GPU: every launch accepted, the
+    group kernels' grid (N*G, blocks per group) and the broadcast kernels' grids as sized for that
+    GPU (5 / 7 / 9 blocks per group for the 320-channel block at batch 2)."""
+    cases = [GeometryCase(shape, layout, broadcast) for shape in SD_SHAPES for layout in (NCHW, NHWC)
+             for broadcast in (False, True)]
+
+    def child():
+        for case in cases:
+            case.run(sim)
+
+    with simulated_device(sim, sm_count=sm_count, arch=90, geometry_only=True):
+        run_in_child(child)
+    assert group_splits(SD_SHAPES[0], sm_count, 4) == {80: 5, 108: 7, 132: 9}[sm_count]
+    for case in cases:
+        n, c, h, w, g = case.shape
+        splits = group_splits(case.shape, sm_count, pack_width(case.shape, case.layout, case.broadcast))
+        forward, backward = case.stats.tolist()
+        tag = f"{case.shape} {'NHWC' if case.layout else 'NCHW'} broadcast={case.broadcast}"
+        assert forward[:5] == [2, 2 * n * g * splits, n * g, splits, 1], f"{tag}: forward {forward}"
+        kernels, blocks, grid_y = 2, 2 * n * g * splits, splits
+        if case.broadcast and case.layout == NCHW:
+            kernels, blocks = 3, blocks + n * c
+        elif case.broadcast:
+            cols = col_splits(case.shape, sm_count)
+            kernels, blocks, grid_y = 3, blocks + n * math.ceil(c / 32) * cols, max(splits, cols)
+            if cols > 1:
+                kernels, blocks = 4, blocks + math.ceil(n * c / 256)
+        assert backward[:2] == [kernels, blocks] and backward[3] == grid_y, f"{tag}: backward {backward}"
+
+
+DEVICE_CASES = [(SM_COUNTS[0], NCHW, False), (SM_COUNTS[1], NHWC, True), (SM_COUNTS[2], NHWC, False),
+                (SM_COUNTS[2], NCHW, True)]
+
+
+@pytest.mark.parametrize("sm_count,layout,broadcast", DEVICE_CASES,
+                         ids=[f"{sms}sm-{'nhwc' if lay else 'nchw'}-{'broadcast' if b else 'full'}"
+                              for sms, lay, b in DEVICE_CASES])
+def test_blocks_per_group_of_the_gpus_match_fp64(sim, sm_count, layout, broadcast):
+    """The kernels at the blocks per group an 80 / 108 / 132-SM GPU gives Stable Diffusion's
+    320-channel block at batch 2 (5 / 7 / 9), on 4 groups of 33124 elements: a device of that many
+    SMs gives 4 groups the same split."""
+    splits = group_splits(SD_SHAPES[0], sm_count, 4)
+    shape = (1, 16, 91, 91, 4)
+    assert group_splits(shape, splits, pack_width(shape, layout, broadcast)) == splits
+    case = Case(shape, layout, torch.float32, broadcast, act=1)
+    stats = torch.zeros(6, dtype=torch.int64).share_memory_()
+
+    def child():
+        case.forward(sim)
+        sim.elr_cuda_sim_stats(ctypes.cast(stats.data_ptr(), ctypes.POINTER(ctypes.c_int64)))
+        case.backward(sim)
+
+    with simulated_device(sim, sm_count=splits):
+        sim.elr_cuda_sim_reset_stats()
+        run_in_child(child)
+    assert stats[3] == splits, f"forward gridDim.y {stats[3]}, wanted {splits}"
+    case.check()
+
+
+# ---- The simulated device: dynamic shared memory limits ------------------------------------------
+KB = 1024
+# (arch, dynamic shared bytes, cudaFuncSetAttribute value or -1 for none, whether the attribute call
+# succeeds, whether the launch runs)
+SHARED_CASES = [
+    (80, DEFAULT_DYNAMIC_SHARED_BYTES, -1, True, True),       # 48 KB needs no opt-in
+    (80, DEFAULT_DYNAMIC_SHARED_BYTES + 4, -1, True, False),  # one float more does
+    (80, 64 * KB, 64 * KB, True, True),
+    (80, 96 * KB, 64 * KB, True, False),  # more than the kernel opted in to
+    (80, ARCH_SHARED_OPTIN_BYTES[80], ARCH_SHARED_OPTIN_BYTES[80], True, True),
+    (80, ARCH_SHARED_OPTIN_BYTES[80] + 4, ARCH_SHARED_OPTIN_BYTES[80] + 4, False, False),
+    (70, 96 * KB, 96 * KB, True, True),
+    (75, 64 * KB, 64 * KB, True, True),
+    (75, 96 * KB, 96 * KB, False, False),
+    (90, ARCH_SHARED_OPTIN_BYTES[90], ARCH_SHARED_OPTIN_BYTES[90], True, True),
+    (90, 228 * KB, 228 * KB, False, False),
+]
+CUDA_ERROR_INVALID_VALUE = 1
+
+
+@pytest.mark.parametrize("arch,nbytes,opt_in,attr_ok,launch_ok", SHARED_CASES,
+                         ids=[f"sm{a}-{b}B-optin{o}" for a, b, o, _, _ in SHARED_CASES])
+def test_dynamic_shared_memory_over_48kb_needs_the_opt_in(sim, capfd, arch, nbytes, opt_in, attr_ok, launch_ok):
+    """As on a GPU: a launch with more than 48 KB of dynamic shared memory is refused with
+    cudaErrorInvalidValue (nothing runs) unless cudaFuncSetAttribute(kernel,
+    cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) raised the kernel's limit first, which the
+    arch caps (96 KB sm_70, 64 KB sm_75, 163 KB sm_80, 227 KB sm_90)."""
+    n = nbytes // 4
+    out = torch.full((n,), float("nan"), dtype=torch.float32).share_memory_()
+    status = torch.full((3,), -1, dtype=torch.int32).share_memory_()
+    with simulated_device(sim, arch=arch):
+        run_in_child(lambda: sim.elr_cuda_sim_shared_roundtrip(n, opt_in, ptr(out), ptr(status)),
+                     allow_launch_failures=not launch_ok)
+    attr_error, launch_error, refused = status.tolist()
+    assert attr_error == (0 if attr_ok else CUDA_ERROR_INVALID_VALUE), f"cudaFuncSetAttribute returned {attr_error}"
+    if launch_ok:
+        assert launch_error == 0 and refused == 0, f"launch refused: {capfd.readouterr().err[-500:]}"
+        assert torch.equal(out, torch.arange(n - 1, -1, -1, dtype=torch.float32) + 0.5)
+    else:
+        assert launch_error == CUDA_ERROR_INVALID_VALUE and refused == 1, (launch_error, refused)
+        assert torch.isnan(out).all(), "a refused launch ran"
+        err = capfd.readouterr().err
+        assert "cudaFuncAttributeMaxDynamicSharedMemorySize" in err and f"{nbytes} bytes" in err, err[-500:]
+
+
+def test_refused_launch_fails_the_test(sim):
+    """The harness turns a refused launch into a test failure even when the caller ignores the
+    error code."""
+    n = (DEFAULT_DYNAMIC_SHARED_BYTES + 4) // 4
+    out = torch.full((n,), float("nan"), dtype=torch.float32).share_memory_()
+    status = torch.zeros(3, dtype=torch.int32).share_memory_()
+    with pytest.raises(AssertionError, match="refused.*cudaErrorInvalidValue"):
+        run_in_child(lambda: sim.elr_cuda_sim_shared_roundtrip(n, -1, ptr(out), ptr(status)))

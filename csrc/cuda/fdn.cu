@@ -35,10 +35,13 @@ void check_cuda_input(const at::Tensor& z) {
   }
 }
 
-// The kernels index blocks by (n, group) and (n, channel) in a 32-bit grid dimension.
+// The kernels index blocks by (n, group) and (n, channel) in a 32-bit grid dimension, and the
+// elements of a group in 32-bit arithmetic.
 void check_grid_limits(const FdnShape& s) {
   TORCH_CHECK(s.N * s.C <= std::numeric_limits<int32_t>::max(), "fdn: N * C = ", s.N * s.C,
               " exceeds the CUDA kernels' limit of 2^31 - 1");
+  TORCH_CHECK(s.group_size() <= int64_t(std::numeric_limits<uint32_t>::max()), "fdn: a group of C / G * H * W = ",
+              s.group_size(), " elements exceeds the CUDA kernels' limit of 2^32 - 1");
 }
 
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {

@@ -10,11 +10,35 @@
 //   * 128-bit reinterpret_cast loads/stores only behind ELR_VECTOR_IO (an elementwise twin runs in
 //     the simulation over the same packs);
 //   * every __syncthreads() / shuffle is reached by the whole block / warp.
+//
+// ELR_EXT_NVRTC: the translation unit is device code only, compiled by NVRTC (tests/test_nvrtc_sm70.py
+// builds the kernels for compute_70, which nvcc 13 no longer targets). NVRTC has no C++ standard
+// library and no host runtime, so every header here keeps its std includes, host helpers and
+// launchers behind `#ifndef ELR_EXT_NVRTC`; this file then supplies the fixed-width integer types.
 #pragma once
 
+#if defined(ELR_EXT_NVRTC)
+#if defined(ELR_CUDA_SIM)
+#error "ELR_EXT_NVRTC (device-only NVRTC build) and ELR_CUDA_SIM (host simulation) exclude each other"
+#endif
+// glibc's LP64 definitions (int64_t is long, not long long), so the kernels' mangled names are the
+// ones nvcc gives them in the shipped binary.
+typedef signed char int8_t;
+typedef short int16_t;
+typedef int int32_t;
+typedef long int64_t;
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef unsigned long uint64_t;
+typedef unsigned long uintptr_t;
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#else
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#endif
 
 #include "fdn_common.h"  // acc_t<T>: the accumulation type, shared with the CPU kernels
 
@@ -22,7 +46,7 @@
 #ifndef ELR_LAUNCH
 #error "a simulated build includes tests/cuda_sim/cuda_sim.h before the kernel headers of csrc/kernels"
 #endif
-#else
+#elif !defined(ELR_EXT_NVRTC)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -144,6 +168,8 @@ __device__ __forceinline__ void store_acc(T* p, const acc_t<T> (&x)[V]) {
   store_pack<T, V>(p, pk);
 }
 
+#ifndef ELR_EXT_NVRTC
+// ---- Host side ----------------------------------------------------------------------------------
 // True when every pointer is 16-byte aligned (nullptr counts as aligned: it is never accessed).
 inline bool aligned16(std::initializer_list<const void*> pointers) {
   bool ok = true;
@@ -151,7 +177,6 @@ inline bool aligned16(std::initializer_list<const void*> pointers) {
   return ok;
 }
 
-// ---- Host side ----------------------------------------------------------------------------------
 inline int device_sm_count() {
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -161,6 +186,7 @@ inline int device_sm_count() {
   }
   return sms;
 }
+#endif  // !ELR_EXT_NVRTC
 
 }  // namespace cuda_common
 }  // namespace elr

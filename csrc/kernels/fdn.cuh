@@ -30,22 +30,27 @@
 // (ELR_CUDA_SIM). Its conventions: launches through ELR_LAUNCH, the 128-bit reinterpret_cast
 // loads behind ELR_VECTOR_IO with an elementwise twin, every __syncthreads() and shuffle reached
 // by the whole block / warp. The generic helpers (and the nvcc twins of those macros) live in
-// cuda_common.cuh.
+// cuda_common.cuh. Under ELR_EXT_NVRTC only the kernels and their device helpers are compiled (no
+// std headers, no host launch code).
 #pragma once
 
+#ifndef ELR_EXT_NVRTC
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#endif
 
 #include "cuda_common.cuh"
 #include "fdn_common.h"
 
 namespace elr {
 
+#ifndef ELR_EXT_NVRTC
 // ---- API ----------------------------------------------------------------------------------------
 // Every pointer is contiguous in s.layout (full-size tensors) or [N, C] (broadcast gamma/beta and
 // their gradients); mean/rstd are [N, G]. `workspace` holds at least *_workspace_bytes(s) bytes
 // (any alignment from cudaMalloc / the caching allocator). Nothing is launched when s.numel() == 0.
+// Preconditions (the kernels' 32-bit index arithmetic and grid): N * C < 2^31, group_size() < 2^32.
 template <typename T>
 size_t fdn_forward_workspace_bytes(const FdnShape& s);
 template <typename T>
@@ -58,6 +63,7 @@ template <typename T>
 void fdn_backward_cuda(const FdnShape& s, const T* dout, const T* z, const T* gamma, const T* beta,
                        const acc_t<T>* mean, const acc_t<T>* rstd, T* dz, T* dgamma, T* dbeta, void* workspace,
                        cudaStream_t stream);
+#endif  // !ELR_EXT_NVRTC
 
 namespace fdn_detail {
 
@@ -70,26 +76,43 @@ constexpr int kWarps = kThreads / kWarp;
 constexpr int64_t kMinElemsPerBlock = 4096;
 constexpr int64_t kMaxSplits = 64;
 constexpr int64_t kBlocksPerSm = 4;
+// Every kernel is __launch_bounds__(kThreads, kBlocksPerSm): kBlocksPerSm blocks resident per SM,
+// so the grid the launchers size for kBlocksPerSm blocks per SM runs in one wave. It also lets
+// ptxas use up to 64 registers per thread: for a bare 256-thread bound it settles on about 40 on
+// sm_90 and spills inside the backward reduction's loop.
 // Broadcast dgamma/dbeta in NHWC: kColTile channels x kColRows pixels per block step.
 constexpr int kColTile = 32;
 constexpr int kColRows = kThreads / kColTile;
 constexpr int64_t kMinRowsPerBlock = 64;
 
+// Quotient and remainder in 32 bits: a 64-bit division is a subroutine call on the GPU, and the
+// registers its calling convention clobbers make ptxas spill around the call. Every dividend here
+// is an index within one group, within one (n, c) row or within the N*C grid: all below 2^32
+// (group_size() < 2^32 is a precondition of the launchers; the ATen wrapper checks it).
+__device__ __forceinline__ uint32_t div32(int64_t a, int64_t b) { return uint32_t(a) / uint32_t(b); }
+__device__ __forceinline__ uint32_t mod32(int64_t a, int64_t b) { return uint32_t(a) % uint32_t(b); }
+
 __device__ __forceinline__ float acc_rsqrt(float x) { return rsqrtf(x); }
 __device__ __forceinline__ double acc_rsqrt(double x) { return 1.0 / sqrt(x); }
 __device__ __forceinline__ float acc_exp(float x) { return expf(x); }
 __device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+// SiLU's division. fp32: __fdividef (at most 2 ulp; 0 instead of a value below 1e-36 once the
+// divisor 1 + e^-x passes 2^126, x < -87), because the IEEE division's slow path is a subroutine
+// call, and in the 8-wide fp16/bf16 forward loop the registers its convention clobbers make ptxas
+// spill. fp64 keeps the IEEE division.
+__device__ __forceinline__ float acc_div(float a, float b) { return __fdividef(a, b); }
+__device__ __forceinline__ double acc_div(double a, double b) { return a / b; }
 
 template <typename A>
 __device__ __forceinline__ A activation(A pre, FdnActivation act) {
-  if (act == FdnActivation::SiLU) return pre / (A(1) + acc_exp(-pre));
+  if (act == FdnActivation::SiLU) return acc_div(pre, A(1) + acc_exp(-pre));
   return pre;
 }
 // dout * act'(pre); silu'(x) = s * (1 + x * (1 - s)), s = sigmoid(x).
 template <typename A>
 __device__ __forceinline__ A activation_grad(A dout, A pre, FdnActivation act) {
   if (act == FdnActivation::SiLU) {
-    const A s = A(1) / (A(1) + acc_exp(-pre));
+    const A s = acc_div(A(1), A(1) + acc_exp(-pre));
     return dout * s * (A(1) + pre * (A(1) - s));
   }
   return dout;
@@ -125,8 +148,8 @@ __device__ __forceinline__ void for_each_pack(const Tiling& t, int64_t n, int64_
   const bool nchw = t.layout == FdnLayout::NCHW;
   const int64_t inner = nchw ? t.HW : t.cpg;
   const int64_t step = int64_t(blockDim.x) * V;
-  const int64_t step_major = step / inner, step_minor = step % inner;
-  int64_t major = p * V / inner, minor = p * V % inner;
+  const int64_t step_major = div32(step, inner), step_minor = mod32(step, inner);
+  int64_t major = div32(p * V, inner), minor = mod32(p * V, inner);
   const int64_t c0 = g * t.cpg;
   for (; p < end; p += blockDim.x) {
     const int64_t c = c0 + (nchw ? major : minor);
@@ -296,10 +319,10 @@ __device__ __forceinline__ void group_grad_means(const Tiling& t, const A* parti
 // ---- Kernels ------------------------------------------------------------------------------------
 // grid (N*G, splits): partial Welford moments of each block's chunk -> partials[gi][split][3].
 template <typename T, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     fdn_stats_kernel(Tiling t, const T* __restrict__ z, acc_t<T>* __restrict__ partials) {
   using A = acc_t<T>;
-  const int64_t gi = blockIdx.x, n = gi / t.G, g = gi % t.G;
+  const int64_t gi = blockIdx.x, n = div32(gi, t.G), g = mod32(gi, t.G);
   Welford<A> w{A(0), A(0), A(0)};
   for_each_pack<V>(t, n, g, [&](int64_t offset, int64_t) {
     A x[V];
@@ -317,12 +340,12 @@ __global__ void __launch_bounds__(kThreads)
 
 // grid (N*G, splits): out = act(zhat * (1 + gamma) + beta); block (gi, 0) also writes mean/rstd.
 template <typename T, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     fdn_forward_apply_kernel(Tiling t, const T* __restrict__ z, const T* __restrict__ gamma,
                              const T* __restrict__ beta, const acc_t<T>* __restrict__ partials, T* __restrict__ out,
                              acc_t<T>* __restrict__ mean_out, acc_t<T>* __restrict__ rstd_out) {
   using A = acc_t<T>;
-  const int64_t gi = blockIdx.x, n = gi / t.G, g = gi % t.G;
+  const int64_t gi = blockIdx.x, n = div32(gi, t.G), g = mod32(gi, t.G);
   A mean, rstd;
   group_stats(t, partials, gi, mean, rstd);
   if (blockIdx.y == 0 && threadIdx.x == 0) {
@@ -350,13 +373,13 @@ __device__ __forceinline__ void backward_element(A dout, A z, A gamma, A beta, A
 
 // grid (N*G, splits): partial sums of dzhat and dzhat * zhat -> partials[gi][split][2].
 template <typename T, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     fdn_backward_reduce_kernel(Tiling t, const T* __restrict__ dout, const T* __restrict__ z,
                                const T* __restrict__ gamma, const T* __restrict__ beta,
                                const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ rstd,
                                acc_t<T>* __restrict__ partials) {
   using A = acc_t<T>;
-  const int64_t gi = blockIdx.x, n = gi / t.G, g = gi % t.G;
+  const int64_t gi = blockIdx.x, n = div32(gi, t.G), g = mod32(gi, t.G);
   const A mu = mean[gi], rs = rstd[gi];
   const bool silu = t.act == FdnActivation::SiLU;
   A sum_dzhat = A(0), sum_dzhat_zhat = A(0);
@@ -385,14 +408,14 @@ __global__ void __launch_bounds__(kThreads)
 // grid (N*G, splits): dz (when non-null; needs the reduce kernel's partials) and full-size
 // dgamma/dbeta (when non-null; nullptr when gamma/beta are broadcast).
 template <typename T, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     fdn_backward_apply_kernel(Tiling t, const T* __restrict__ dout, const T* __restrict__ z,
                               const T* __restrict__ gamma, const T* __restrict__ beta,
                               const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ rstd,
                               const acc_t<T>* __restrict__ partials, T* __restrict__ dz, T* __restrict__ dgamma,
                               T* __restrict__ dbeta) {
   using A = acc_t<T>;
-  const int64_t gi = blockIdx.x, n = gi / t.G, g = gi % t.G;
+  const int64_t gi = blockIdx.x, n = div32(gi, t.G), g = mod32(gi, t.G);
   const A mu = mean[gi], rs = rstd[gi];
   const bool silu = t.act == FdnActivation::SiLU;
   A mean_dzhat = A(0), mean_dzhat_zhat = A(0);
@@ -420,14 +443,14 @@ __global__ void __launch_bounds__(kThreads)
 
 // Broadcast gamma/beta, NCHW. grid (N*C): block `row` = n * C + c sums its contiguous HW pixels.
 template <typename T, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     fdn_backward_affine_rows_kernel(Tiling t, const T* __restrict__ dout, const T* __restrict__ z,
                                     const T* __restrict__ gamma, const T* __restrict__ beta,
                                     const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ rstd,
                                     T* __restrict__ dgamma, T* __restrict__ dbeta) {
   using A = acc_t<T>;
-  const int64_t row = blockIdx.x, n = row / t.C, c = row % t.C;
-  const int64_t gi = n * t.G + c / t.cpg;
+  const int64_t row = blockIdx.x, n = div32(row, t.C), c = mod32(row, t.C);
+  const int64_t gi = n * t.G + div32(c, t.cpg);
   const A mu = mean[gi], rs = rstd[gi];
   const A gm = to_acc(gamma[row]);
   const A bt = t.act == FdnActivation::SiLU ? to_acc(beta[row]) : A(0);
@@ -456,7 +479,7 @@ __global__ void __launch_bounds__(kThreads)
 // pixel of this block's range. One split writes dgamma/dbeta directly, several write
 // partials[n][split][c][2] for the finalize kernel.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     fdn_backward_affine_cols_kernel(Tiling t, int64_t rows_per_block, const T* __restrict__ dout,
                                     const T* __restrict__ z, const T* __restrict__ gamma,
                                     const T* __restrict__ beta, const acc_t<T>* __restrict__ mean,
@@ -465,11 +488,11 @@ __global__ void __launch_bounds__(kThreads)
   using A = acc_t<T>;
   __shared__ A slots[2][kColRows][kColTile];
   const int64_t tiles = ceil_div(t.C, kColTile);
-  const int64_t n = blockIdx.x / tiles, c = (blockIdx.x % tiles) * kColTile + threadIdx.x;
+  const int64_t n = div32(blockIdx.x, tiles), c = mod32(blockIdx.x, tiles) * kColTile + threadIdx.x;
   const bool valid = c < t.C;
   A sum_g = A(0), sum_g_zhat = A(0);
   if (valid) {
-    const int64_t gi = n * t.G + c / t.cpg;
+    const int64_t gi = n * t.G + div32(c, t.cpg);
     const A mu = mean[gi], rs = rstd[gi];
     const A gm = to_acc(gamma[n * t.C + c]);
     const A bt = t.act == FdnActivation::SiLU ? to_acc(beta[n * t.C + c]) : A(0);
@@ -503,14 +526,14 @@ __global__ void __launch_bounds__(kThreads)
 
 // Sums the column kernel's partials over its splits, in order: one thread per (n, c).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm)
     fdn_backward_affine_cols_finalize_kernel(int64_t N, int64_t C, int64_t splits,
                                              const acc_t<T>* __restrict__ partials, T* __restrict__ dgamma,
                                              T* __restrict__ dbeta) {
   using A = acc_t<T>;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= N * C) return;
-  const int64_t n = i / C, c = i % C;
+  const int64_t n = div32(i, C), c = mod32(i, C);
   A sum_g = A(0), sum_g_zhat = A(0);
   for (int64_t s = 0; s < splits; ++s) {
     sum_g += partials[((n * splits + s) * C + c) * 2];
@@ -520,6 +543,7 @@ __global__ void __launch_bounds__(kThreads)
   if (dbeta != nullptr) dbeta[i] = from_acc<T>(sum_g);
 }
 
+#ifndef ELR_EXT_NVRTC
 // ---- Host side: launch geometry -----------------------------------------------------------------
 // Upper bound of the blocks per group, independent of the device and of V (sizes the workspace).
 inline int64_t max_group_splits(const FdnShape& s) {
@@ -618,8 +642,11 @@ void launch_backward(const FdnShape& s, const T* dout, const T* z, const T* gamm
   }
 }
 
+#endif  // !ELR_EXT_NVRTC
+
 }  // namespace fdn_detail
 
+#ifndef ELR_EXT_NVRTC
 // ---- API definitions ----------------------------------------------------------------------------
 template <typename T>
 size_t fdn_forward_workspace_bytes(const FdnShape& s) {
@@ -677,5 +704,6 @@ void fdn_backward_cuda(const FdnShape& s, const T* dout, const T* z, const T* ga
 #if !defined(ELR_CUDA_SIM) && !defined(ELR_FDN_INSTANTIATE)
 ELR_FDN_FOR_EACH_DTYPE(extern)
 #endif
+#endif  // !ELR_EXT_NVRTC
 
 }  // namespace elr

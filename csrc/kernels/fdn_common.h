@@ -6,7 +6,9 @@
 // mean_g / rstd_g are the statistics of group g of sample n over (C/G channels, H*W positions).
 #pragma once
 
+#ifndef ELR_EXT_NVRTC  // NVRTC: cuda_common.cuh supplies the fixed-width types
 #include <cstdint>
+#endif
 
 namespace elr {
 

@@ -77,23 +77,40 @@ def build_sim(name: str) -> Path:
 _vp, _i64, _int, _dbl = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 
 
-# The launch-statistics entry points every simulation library exports (ELR_CUDA_SIM_EXPORT_STATS()
-# in cuda_sim.h).
+# The entry points every simulation library exports (ELR_CUDA_SIM_EXPORT_STATS() in cuda_sim.h):
+# launch statistics, the simulated device (SM count, arch) and the launches it refused.
 STATS_FUNCTIONS = {
     "elr_cuda_sim_stats": ([ctypes.POINTER(_i64)], None),
     "elr_cuda_sim_reset_stats": ([], None),
-    "elr_cuda_sim_set_sm_count": ([_int], None),
+    "elr_cuda_sim_set_sm_count": ([_int], _int),
+    "elr_cuda_sim_get_sm_count": ([], _int),
+    "elr_cuda_sim_set_arch": ([_int], _int),
+    "elr_cuda_sim_get_arch": ([], _int),
+    "elr_cuda_sim_set_geometry_only": ([_int], None),
+    "elr_cuda_sim_get_geometry_only": ([], _int),
+    "elr_cuda_sim_launch_failures": ([ctypes.c_char_p, _i64], _i64),
+    "elr_cuda_sim_reset_launch_failures": ([], None),
 }
+
+_LOADED: list[ctypes.CDLL] = []
+
+
+def loaded_sims() -> list[ctypes.CDLL]:
+    """Every simulation library load_sim has loaded in this process (the harness checks their
+    refused launches after each child)."""
+    return list(_LOADED)
 
 
 def load_sim(name: str, functions: dict | None = None) -> ctypes.CDLL:
     """Build (cached) and load tests/cuda_sim/<name>.cpp. `functions` maps an exported C function to
-    (argtypes, restype); the launch-statistics entry points are declared too."""
+    (argtypes, restype); the entry points of STATS_FUNCTIONS are declared too."""
     lib = ctypes.CDLL(str(build_sim(name)))
     for fname, (argtypes, restype) in {**STATS_FUNCTIONS, **(functions or {})}.items():
         fn = getattr(lib, fname)
         fn.argtypes = argtypes
         fn.restype = restype
+    if all(lib._handle != other._handle for other in _LOADED):
+        _LOADED.append(lib)
     return lib
 
 
@@ -103,4 +120,5 @@ def load_fdn_sim() -> ctypes.CDLL:
     return load_sim("fdn_sim", {
         "elr_fdn_sim_forward": ([_int, _i64, _i64, _i64, _i64, _int, _int, _int, _dbl] + [_vp] * 6, _int),
         "elr_fdn_sim_backward": ([_int, _i64, _i64, _i64, _i64, _int, _int, _int] + [_vp] * 9, _int),
+        "elr_cuda_sim_shared_roundtrip": ([_i64, _int, _vp, _vp], None),
     })

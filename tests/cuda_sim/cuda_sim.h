@@ -38,10 +38,16 @@
 //     same tiling and indexing; this build compiles the twin.
 //   * Use the kernel's own min/max helpers (or std::min/std::max in host code): the device-side
 //     global ::min/::max overloads do not exist here.
-//   * The host launcher may query cudaGetDevice / cudaDeviceGetAttribute (answered here from
-//     cuda_sim::config()), cudaGetLastError / cudaPeekAtLastError (always cudaSuccess: launch errors
-//     abort instead). Anything else from the runtime API is declared by the toolkit headers but not
-//     defined: the link fails, which is the signal to add it here.
+//   * The host launcher may call cudaGetDevice, cudaDeviceGetAttribute and cudaGetDeviceProperties
+//     (answered from cuda_sim::config(): the SM count and arch the test set), cudaFuncSetAttribute
+//     (the dynamic shared memory opt-in) and cudaGetLastError / cudaPeekAtLastError. Anything else
+//     from the runtime API is declared by the toolkit headers but not defined: the link fails,
+//     which is the signal to add it here.
+//   * A launch a GPU would refuse (bad block or grid dimensions, more than 48 KB of dynamic shared
+//     memory without cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+//     bytes), more than the simulated arch's opt-in limit) runs nothing and sets the error that
+//     cudaGetLastError returns, as on a GPU; the harness (tests/cuda_sim/harness.py) fails any test
+//     whose child saw such a launch unless the test expects it.
 //
 // Launch statistics (cuda_sim::stats()) let a test check that a code path (say, a split grid) was
 // really taken. One host thread launches at a time (blockDim/gridDim and the stats are globals).
@@ -69,6 +75,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -116,14 +123,117 @@ constexpr int warpSize = 32;
 
 namespace cuda_sim {
 
-struct Config {
-  int sm_count = 4;            // what cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) answers
-  int compute_capability = 80;  // major * 10 + minor
-  size_t max_dynamic_shared = 227 * 1024;
+[[noreturn]] inline void fail(const char* what);
+
+// The per-block and per-SM limits of each simulated architecture, from the CUDA C++ Programming
+// Guide, "Technical Specifications per Compute Capability": maximum shared memory per thread block
+// (with the cudaFuncSetAttribute opt-in; the value of cudaDevAttrMaxSharedMemoryPerBlockOptin),
+// shared memory per SM, resident threads and blocks per SM. Without the opt-in every architecture
+// allows 48 KB of dynamic shared memory.
+struct ArchSpec {
+  int cc;  // major * 10 + minor
+  const char* name;
+  size_t shared_per_block_optin;
+  size_t shared_per_sm;
+  int threads_per_sm;
+  int blocks_per_sm;
 };
+inline constexpr size_t kDefaultDynamicShared = 48 * 1024;
+inline constexpr ArchSpec kArchSpecs[] = {
+    {70, "simulated sm_70 (Volta)", 96 * 1024, 96 * 1024, 2048, 32},
+    {75, "simulated sm_75 (Turing)", 64 * 1024, 64 * 1024, 1024, 16},
+    {80, "simulated sm_80 (A100)", 163 * 1024, 164 * 1024, 2048, 32},
+    {86, "simulated sm_86 (GA10x)", 99 * 1024, 100 * 1024, 1536, 16},
+    {89, "simulated sm_89 (Ada)", 99 * 1024, 100 * 1024, 1536, 24},
+    {90, "simulated sm_90 (H100)", 227 * 1024, 228 * 1024, 2048, 32},
+};
+inline const ArchSpec* find_arch(int cc) {
+  for (const ArchSpec& a : kArchSpecs)
+    if (a.cc == cc) return &a;
+  return nullptr;
+}
+
+// The simulated device. Starts from $ELR_CUDA_SIM_SM_COUNT and $ELR_CUDA_SIM_ARCH (e.g. "90" or
+// "9.0") when set; the libraries' elr_cuda_sim_set_sm_count / elr_cuda_sim_set_arch change it later.
+struct Config {
+  int sm_count = 4;  // small by default: launchers that size grids by SMs keep simulated grids short
+  const ArchSpec* arch = find_arch(80);
+  // Launches are checked and counted (stats()) but run no block: the launch geometry of problems
+  // too large to simulate (hundreds of blocks per kernel on a 100-SM device), at no cost.
+  bool geometry_only = false;
+};
+inline int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  const long x = std::strtol(v, &end, 10);
+  if (*end == '.') {  // "9.0" -> 90
+    const long minor = std::strtol(end + 1, &end, 10);
+    if (*end == '\0' && minor >= 0 && minor < 10) return int(x * 10 + minor);
+  } else if (*end == '\0' && x > 0 && x < (1L << 20)) {
+    return int(x);
+  }
+  char msg[160];
+  std::snprintf(msg, sizeof msg, "$%s=%s is not a positive integer (or major.minor for the arch)", name, v);
+  fail(msg);
+}
 inline Config& config() {
-  static Config c;
+  static Config c = [] {
+    Config init;
+    init.sm_count = env_int("ELR_CUDA_SIM_SM_COUNT", init.sm_count);
+    const int cc = env_int("ELR_CUDA_SIM_ARCH", init.arch->cc);
+    init.arch = find_arch(cc);
+    if (init.arch == nullptr) fail("$ELR_CUDA_SIM_ARCH names an architecture the simulator has no limits for");
+    return init;
+  }();
   return c;
+}
+
+// Runtime-API error state: the error of the last failing runtime call or launch of this process,
+// which cudaGetLastError returns and clears (cudaPeekAtLastError only returns), as the CUDA
+// runtime does for the errors that are not sticky. Launch failures are also counted, with the
+// message of the latest, for the test harness (elr_cuda_sim_launch_failures).
+struct ErrorState {
+  cudaError_t last = cudaSuccess;
+  int64_t launch_failures = 0;
+  char last_failure[512] = "";
+};
+inline ErrorState& errors() {
+  static ErrorState e;
+  return e;
+}
+inline cudaError_t record_error(cudaError_t code) {
+  if (code != cudaSuccess) errors().last = code;
+  return code;
+}
+inline const char* error_name(cudaError_t code) {
+  switch (code) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInvalidDeviceFunction: return "cudaErrorInvalidDeviceFunction";
+    default: return "cudaError";
+  }
+}
+inline void launch_failed(cudaError_t code, const char* why) {
+  ErrorState& e = errors();
+  record_error(code);
+  e.launch_failures += 1;
+  std::snprintf(e.last_failure, sizeof e.last_failure, "%s: %s", error_name(code), why);
+  std::fprintf(stderr, "cuda_sim: launch failed, nothing ran: %s\n", e.last_failure);
+  std::fflush(stderr);
+}
+
+// cudaFuncAttributeMaxDynamicSharedMemorySize per kernel (keyed by its address), as set through
+// cudaFuncSetAttribute; kDefaultDynamicShared for a kernel never configured.
+inline std::map<const void*, size_t>& max_dynamic_shared_attr() {
+  static std::map<const void*, size_t> m;
+  return m;
+}
+inline size_t max_dynamic_shared_of(const void* kernel) {
+  const auto& m = max_dynamic_shared_attr();
+  const auto it = m.find(kernel);
+  return it == m.end() ? kDefaultDynamicShared : it->second;
 }
 
 struct Stats {
@@ -360,15 +470,35 @@ struct KernelParams<void (*)(P...)> {
   using tuple = std::tuple<std::decay_t<P>...>;
 };
 
-// Runs kernel<<<grid, block, shmem_bytes>>>(args...) to completion, block after block.
+// Runs kernel<<<grid, block, shmem_bytes>>>(args...) to completion, block after block. A launch
+// that a GPU would refuse runs nothing and leaves its error for cudaGetLastError: block or grid
+// dimensions out of range (cudaErrorInvalidConfiguration), more dynamic shared memory than the
+// kernel's cudaFuncAttributeMaxDynamicSharedMemorySize (48 KB unless raised by cudaFuncSetAttribute)
+// or than the simulated arch allows (cudaErrorInvalidValue). Static __shared__ memory is not
+// counted (the simulator cannot see its size).
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shmem_bytes, A&&... args) {
   static_assert(sizeof...(P) == sizeof...(A), "cuda_sim::launch: wrong number of kernel arguments");
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
-  if (threads == 0 || threads > 1024 || block.z > 64) fail("launch: invalid block dimensions");
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 || grid.x > 0x7fffffffu)
-    fail("launch: invalid grid dimensions");
-  if (shmem_bytes > config().max_dynamic_shared) fail("launch: too much dynamic shared memory");
+  char why[256];
+  if (threads == 0 || threads > 1024 || block.z > 64) {
+    std::snprintf(why, sizeof why, "block (%u, %u, %u) is out of range", block.x, block.y, block.z);
+    return launch_failed(cudaErrorInvalidConfiguration, why);
+  }
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 || grid.x > 0x7fffffffu) {
+    std::snprintf(why, sizeof why, "grid (%u, %u, %u) is out of range", grid.x, grid.y, grid.z);
+    return launch_failed(cudaErrorInvalidConfiguration, why);
+  }
+  const size_t shared_limit =
+      std::min(max_dynamic_shared_of(reinterpret_cast<const void*>(kernel)), config().arch->shared_per_block_optin);
+  if (shmem_bytes > shared_limit) {
+    std::snprintf(why, sizeof why,
+                  "%zu bytes of dynamic shared memory > the kernel's limit of %zu on %s (above 48 KB a kernel "
+                  "needs cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes); "
+                  "the arch allows %zu)",
+                  shmem_bytes, shared_limit, config().arch->name, config().arch->shared_per_block_optin);
+    return launch_failed(cudaErrorInvalidValue, why);
+  }
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);  // converted once, as the launch does
 
   Stats& st = stats();
@@ -379,6 +509,7 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t shmem_bytes, A&&
   st.max_grid[2] = std::max(st.max_grid[2], grid.z);
   st.max_block_threads = std::max(st.max_block_threads, unsigned(threads));
 
+  if (config().geometry_only) return;
   gridDim = grid;
   blockDim = block;
   dynamic_shared_buffer().assign(shmem_bytes + 16, 0);
@@ -597,27 +728,85 @@ T __ldg(const T* p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The runtime API a host launcher may call (answers from cuda_sim::config())
+// The runtime API a host launcher may call (answers from cuda_sim::config(); one device, 0)
 // ---------------------------------------------------------------------------------------------
 extern "C" inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
 }
-extern "C" inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+extern "C" inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  const cuda_sim::Config& c = cuda_sim::config();
+  *value = 0;
+  if (device != 0) return cuda_sim::record_error(cudaErrorInvalidDevice);
   switch (attr) {
-    case cudaDevAttrMultiProcessorCount: *value = cuda_sim::config().sm_count; return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMajor: *value = cuda_sim::config().compute_capability / 10; return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMinor: *value = cuda_sim::config().compute_capability % 10; return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount: *value = c.sm_count; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = c.arch->cc / 10; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = c.arch->cc % 10; return cudaSuccess;
     case cudaDevAttrMaxThreadsPerBlock: *value = 1024; return cudaSuccess;
     case cudaDevAttrWarpSize: *value = 32; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
-      *value = int(cuda_sim::config().max_dynamic_shared);
-      return cudaSuccess;
-    default: *value = 0; return cudaErrorInvalidValue;
+    case cudaDevAttrMaxSharedMemoryPerBlock: *value = int(cuda_sim::kDefaultDynamicShared); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = int(c.arch->shared_per_block_optin); return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = int(c.arch->shared_per_sm); return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerMultiProcessor: *value = c.arch->threads_per_sm; return cudaSuccess;
+    case cudaDevAttrMaxBlocksPerMultiprocessor: *value = c.arch->blocks_per_sm; return cudaSuccess;
+    case cudaDevAttrMaxRegistersPerBlock: *value = 65536; return cudaSuccess;
+    case cudaDevAttrMaxRegistersPerMultiprocessor: *value = 65536; return cudaSuccess;
+    case cudaDevAttrMaxGridDimX: *value = 0x7fffffff; return cudaSuccess;
+    case cudaDevAttrMaxGridDimY: *value = 65535; return cudaSuccess;
+    case cudaDevAttrMaxGridDimZ: *value = 65535; return cudaSuccess;
+    default: return cuda_sim::record_error(cudaErrorInvalidValue);
   }
 }
-extern "C" inline cudaError_t cudaGetLastError(void) { return cudaSuccess; }
-extern "C" inline cudaError_t cudaPeekAtLastError(void) { return cudaSuccess; }
+extern "C" inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
+  if (device != 0) return cuda_sim::record_error(cudaErrorInvalidDevice);
+  const cuda_sim::Config& c = cuda_sim::config();
+  std::memset(prop, 0, sizeof *prop);
+  std::snprintf(prop->name, sizeof prop->name, "%s, %d SMs", c.arch->name, c.sm_count);
+  prop->major = c.arch->cc / 10;
+  prop->minor = c.arch->cc % 10;
+  prop->multiProcessorCount = c.sm_count;
+  prop->warpSize = 32;
+  prop->maxThreadsPerBlock = 1024;
+  prop->maxThreadsDim[0] = prop->maxThreadsDim[1] = 1024;
+  prop->maxThreadsDim[2] = 64;
+  prop->maxGridSize[0] = 0x7fffffff;
+  prop->maxGridSize[1] = prop->maxGridSize[2] = 65535;
+  prop->sharedMemPerBlock = cuda_sim::kDefaultDynamicShared;
+  prop->sharedMemPerBlockOptin = c.arch->shared_per_block_optin;
+  prop->sharedMemPerMultiprocessor = c.arch->shared_per_sm;
+  prop->maxThreadsPerMultiProcessor = c.arch->threads_per_sm;
+  prop->maxBlocksPerMultiProcessor = c.arch->blocks_per_sm;
+  prop->regsPerBlock = prop->regsPerMultiprocessor = 65536;
+  return cudaSuccess;
+}
+// Only the attributes with an effect here: the dynamic shared memory limit a launch is checked
+// against, and the carveout hint (accepted, no effect). `func` is the kernel's address.
+extern "C" inline cudaError_t cudaFuncSetAttribute(const void* func, cudaFuncAttribute attr, int value) {
+  if (func == nullptr) return cuda_sim::record_error(cudaErrorInvalidDeviceFunction);
+  switch (attr) {
+    case cudaFuncAttributeMaxDynamicSharedMemorySize:
+      if (value < 0 || size_t(value) > cuda_sim::config().arch->shared_per_block_optin) {
+        return cuda_sim::record_error(cudaErrorInvalidValue);
+      }
+      cuda_sim::max_dynamic_shared_attr()[func] = size_t(value);
+      return cudaSuccess;
+    case cudaFuncAttributePreferredSharedMemoryCarveout:
+      return value >= -1 && value <= 100 ? cudaSuccess : cuda_sim::record_error(cudaErrorInvalidValue);
+    default: return cuda_sim::record_error(cudaErrorInvalidValue);
+  }
+}
+// The typed overload cuda_runtime.h gives C++ callers: cudaFuncSetAttribute(kernel, attr, value)
+// with the kernel's function pointer.
+template <class T>
+inline cudaError_t cudaFuncSetAttribute(T* entry, cudaFuncAttribute attr, int value) {
+  return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(entry), attr, value);
+}
+extern "C" inline cudaError_t cudaGetLastError(void) {
+  const cudaError_t e = cuda_sim::errors().last;
+  cuda_sim::errors().last = cudaSuccess;
+  return e;
+}
+extern "C" inline cudaError_t cudaPeekAtLastError(void) { return cuda_sim::errors().last; }
 
 // ---------------------------------------------------------------------------------------------
 // The C entry points every simulation library exports for its tests (tests/cuda_sim/build.py sets
@@ -627,17 +816,53 @@ extern "C" inline cudaError_t cudaPeekAtLastError(void) { return cudaSuccess; }
 //                                       max gridDim.x, max gridDim.y, max gridDim.z, max threads
 //                                       per block]
 //   elr_cuda_sim_reset_stats()
-//   elr_cuda_sim_set_sm_count(int)      the SM count launchers see (split heuristics)
+//   elr_cuda_sim_set_sm_count(int)      the SM count launchers see (cudaDeviceGetAttribute,
+//                                       cudaGetDeviceProperties); returns 0, -1 if not positive
+//   elr_cuda_sim_get_sm_count()
+//   elr_cuda_sim_set_arch(int cc)       the simulated compute capability (70, 75, 80, 86, 89, 90):
+//                                       its shared-memory limits; returns 0, -1 if unknown
+//   elr_cuda_sim_get_arch()
+//   elr_cuda_sim_set_geometry_only(int)  1: launches are checked and counted but run nothing
+//                                       (the grids of problems too large to simulate); 0: run
+//   elr_cuda_sim_get_geometry_only()
+//   elr_cuda_sim_launch_failures(char* msg, int64_t len)  launches refused since the last reset
+//                                       (msg, when not NULL, gets the latest's message)
+//   elr_cuda_sim_reset_launch_failures()  also clears cudaGetLastError's state (the kernels'
+//                                       cudaFuncSetAttribute values stay, as they do on a GPU)
+// Without a call, the device is $ELR_CUDA_SIM_SM_COUNT SMs (default 4) of arch $ELR_CUDA_SIM_ARCH
+// (default 80). tests/cuda_sim/harness.py wraps these (simulated_device, SM_COUNTS).
 // ---------------------------------------------------------------------------------------------
-#define ELR_CUDA_SIM_EXPORT_STATS()                                                        \
-  extern "C" void elr_cuda_sim_stats(int64_t* out) {                                       \
-    const auto& st = ::cuda_sim::stats();                                                  \
-    out[0] = st.launches;                                                                  \
-    out[1] = st.blocks;                                                                    \
-    out[2] = st.max_grid[0];                                                               \
-    out[3] = st.max_grid[1];                                                               \
-    out[4] = st.max_grid[2];                                                               \
-    out[5] = st.max_block_threads;                                                         \
-  }                                                                                        \
-  extern "C" void elr_cuda_sim_reset_stats() { ::cuda_sim::stats() = ::cuda_sim::Stats{}; } \
-  extern "C" void elr_cuda_sim_set_sm_count(int sms) { ::cuda_sim::config().sm_count = sms; }
+#define ELR_CUDA_SIM_EXPORT_STATS()                                                                 \
+  extern "C" void elr_cuda_sim_stats(int64_t* out) {                                                \
+    const auto& st = ::cuda_sim::stats();                                                           \
+    out[0] = st.launches;                                                                           \
+    out[1] = st.blocks;                                                                             \
+    out[2] = st.max_grid[0];                                                                        \
+    out[3] = st.max_grid[1];                                                                        \
+    out[4] = st.max_grid[2];                                                                        \
+    out[5] = st.max_block_threads;                                                                  \
+  }                                                                                                 \
+  extern "C" void elr_cuda_sim_reset_stats() { ::cuda_sim::stats() = ::cuda_sim::Stats{}; }          \
+  extern "C" int elr_cuda_sim_set_sm_count(int sms) {                                               \
+    if (sms <= 0) return -1;                                                                        \
+    ::cuda_sim::config().sm_count = sms;                                                            \
+    return 0;                                                                                       \
+  }                                                                                                 \
+  extern "C" int elr_cuda_sim_get_sm_count() { return ::cuda_sim::config().sm_count; }              \
+  extern "C" int elr_cuda_sim_set_arch(int cc) {                                                    \
+    const ::cuda_sim::ArchSpec* arch = ::cuda_sim::find_arch(cc);                                   \
+    if (arch == nullptr) return -1;                                                                 \
+    ::cuda_sim::config().arch = arch;                                                               \
+    return 0;                                                                                       \
+  }                                                                                                 \
+  extern "C" int elr_cuda_sim_get_arch() { return ::cuda_sim::config().arch->cc; }                  \
+  extern "C" void elr_cuda_sim_set_geometry_only(int on) { ::cuda_sim::config().geometry_only = on; } \
+  extern "C" int elr_cuda_sim_get_geometry_only() { return ::cuda_sim::config().geometry_only; }    \
+  extern "C" int64_t elr_cuda_sim_launch_failures(char* msg, int64_t len) {                         \
+    const auto& e = ::cuda_sim::errors();                                                           \
+    if (msg != nullptr && len > 0) std::snprintf(msg, size_t(len), "%s", e.last_failure);           \
+    return e.launch_failures;                                                                       \
+  }                                                                                                 \
+  extern "C" void elr_cuda_sim_reset_launch_failures() {                                            \
+    ::cuda_sim::errors() = ::cuda_sim::ErrorState{};                                                \
+  }
