@@ -7,9 +7,9 @@ interpreter, and Triton decides interpreted or compiled when a kernel is *define
 TRITON_INTERPRET at the first import of elr_ext.triton. Setting it inside this pytest process would
 leak into every other test file (the `triton` backend would appear among their CPU backends), so
 without a GPU `test_interpreter_suite` reruns this file in a subprocess that has TRITON_INTERPRET=1
-from the start; there the kernel tests run and the subprocess test skips itself. The same file
-also compiles every kernel for sm_80 / sm_90 (no GPU needed: Triton's compiler and ptxas run on
-the host), which the interpreter would not catch (tl.dot shape rules, layouts, dtypes).
+from the start; there the kernel tests run and the subprocess test skips itself. What the
+interpreter would not catch (tl.dot shape rules, layouts, register spills) is
+tests/test_triton_aot.py's: it compiles the kernels for sm_80 / sm_90 on the host.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ kernels_here = pytest.mark.skipif(not RUNS_HERE, reason="no GPU and no TRITON_IN
 def test_interpreter_suite():
     env = dict(os.environ, TRITON_INTERPRET="1")
     command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-               "-W", "ignore::RuntimeWarning", "-k", "not compile_for_gpu and not interpreter_suite"]
+               "-W", "ignore::RuntimeWarning", "-k", "not interpreter_suite and not without_triton_knobs"]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     tail = proc.stdout[-8000:] + proc.stderr[-4000:]
@@ -215,6 +216,19 @@ def kron_dense(x, A, U, V, weight, bias, scale):
 @pytest.mark.parametrize("factors", KRON_FACTORS)
 @pytest.mark.parametrize("base,save,M", [(False, False, 5), (True, True, 37), (True, False, 18)])
 def test_kron_lora_matches_dense_fp64_reference(dtype, factors, base, save, M, triton_calls):
+    check_kron_lora(dtype, factors, base, save, M, triton_calls)
+
+
+@kernels_here
+@pytest.mark.parametrize("dtype,factors", [(torch.float32, (4, 16, 16, 20, 20, 8)), (torch.bfloat16, (8, 8, 8, 5, 3, 16))],
+                         ids=["balanced-320", "eq9-n8-r16"])
+def test_kron_lora_sd_factorisations(dtype, factors, triton_calls):
+    """The balanced split of 320 (16 x 20: eight i-blocks here) and eq. 9's n = T = 8 at r = 16
+    (128 rank columns)."""
+    check_kron_lora(dtype, factors, True, False, 21, triton_calls)
+
+
+def check_kron_lora(dtype, factors, base, save, M, triton_calls):
     leaves = [t for t in kron_inputs(factors, M, dtype, base) if t is not None]
     ours = [t.requires_grad_() for t in leaves]
     ref_in = [t.detach().double().requires_grad_() for t in leaves]
@@ -368,61 +382,132 @@ def test_triton_is_unavailable_on_the_cpu_without_the_interpreter():
     assert (reason is None) == INTERPRETING, reason
 
 
-# ----------------------------------------------------------------------------- GPU compile check
-def _compile(kernel, cc, values):
-    """Compile one configuration of an autotuned kernel for sm_<cc> (the host's Triton + ptxas)."""
+# ------------------------------------------------------------------------------ launch device
+def test_device_of_makes_a_cuda_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: device_of(t) must make t's device current (a
+    fake torch.cuda.device records it: no GPU needed), and leave CPU tensors alone."""
+    import elr_ext.triton as et
+
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    with et.device_of(types.SimpleNamespace(device=torch.device("cuda", 1))):
+        assert entered == [torch.device("cuda", 1)]
+    assert entered == [torch.device("cuda", 1), "exit"]
+    entered.clear()
+    with et.device_of(torch.zeros(1)):
+        pass
+    assert entered == []
+
+
+def test_launch_runs_the_kernel_on_its_first_tensors_device(monkeypatch):
+    import elr_ext.triton as et
+
+    log = []
+
+    @contextlib.contextmanager
+    def device_of(t):
+        log.append(("enter", t))
+        yield
+        log.append(("exit", t))
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: log.append(("run", grid, args, kwargs))
+
+    monkeypatch.setattr(et, "device_of", device_of)
+    first, second = torch.zeros(1), torch.ones(1)
+    et.launch(Kernel(), (3,), 7, first, second, BLOCK=4)
+    assert [entry[0] for entry in log] == ["enter", "run", "exit"]
+    assert log[0][1] is first and log[1] == ("run", (3,), (7, first, second), {"BLOCK": 4})
+
+
+@kernels_here
+def test_every_kernel_launch_enters_its_tensors_device(monkeypatch):
+    """Each Triton launch of the three ops happens inside device_of(t) for a tensor on the device of
+    all its tensor arguments (a launch that bypassed elr_ext.triton.launch would run outside)."""
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    config = kernel.configs[0]
-    jit = kernel.fn
-    values = {**values, **config.kwargs}
-    type_names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-    signature, constexprs = {}, {}
-    for param in jit.params:
-        value = values[param.name]
-        if param.is_constexpr:
-            signature[param.name], constexprs[param.name] = "constexpr", value
-        elif isinstance(value, torch.dtype):
-            signature[param.name] = "*" + type_names[value]
-        else:
-            signature[param.name] = "fp32" if isinstance(value, float) else "i32"
-    compiled = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", cc, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    assert "cubin" in compiled.asm
-
-
-@pytest.mark.skipif(INTERPRETING, reason="the kernels are defined for the interpreter in this process")
-@pytest.mark.parametrize("dtype,cc", [(torch.bfloat16, 90), (torch.float32, 80)])
-def test_kernels_compile_for_gpu(dtype, cc):
-    import triton.language as tl
-
+    import elr_ext.triton as et
     from elr_ext.triton import fdn, kron_lora, lowrank_proj
 
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    ints = {k: 3 for k in ("G", "CPG", "HW", "HW_PER_SPLIT", "SPLITS", "M", "T", "a1", "a2", "b1", "b2", "r",
-                           "ROWS", "R", "NCOL", "ROWS_PER_SPLIT", "N", "K", "K_PER_SPLIT")}
-    ints.update({f"{p}_S_{s}": 7 for p in ("Z", "GM", "BT", "O", "DY", "DG", "DZ") for s in ("N", "C", "HW")})
-    ints.update({f"S_{s}": 7 for s in ("AM", "AK", "BK", "BN", "CS", "CM", "CN")})
-    io_ptrs = ("z_ptr gamma_ptr beta_ptr out_ptr dy_ptr dgamma_ptr dbeta_ptr dz_ptr x_ptr A_ptr U_ptr V_ptr "
-               "y_ptr tmat_ptr smat_ptr dx_ptr p_ptr q_ptr a_ptr b_ptr c_ptr bias_ptr").split()
-    acc_ptrs = ("part_ptr", "mean_ptr", "rstd_ptr", "chan_part_ptr", "dt_ptr", "dA_part_ptr")
-    ptrs = {**{name: dtype for name in io_ptrs}, **{name: acc for name in acc_ptrs}}
-    flags = dict(eps=1e-5, scale=0.5, ACTIVATION=1, BLOCK_S=4, NEED_DZ=True, NEED_DGAMMA=True,
-                 NEED_DBETA=True, WRITE_Y=True, ACCUMULATE=True, SAVE=True, NEED_DX=True, ACCUMULATE_DX=True,
-                 NEED_DT=True, NEED_DA=True, HAS_BIAS=True, ACC_TY=tl.float32, PREC="ieee", UPCAST=False,
-                 R_P=32, A1_P=4)
-    flags["PREC_ACC"] = "tf32" if dtype != torch.float32 else "ieee"
-    values = {**ints, **ptrs, **flags}
-    for broadcast in (False, True):
-        for kernel in (fdn._forward_apply_kernel, fdn._backward_partial_kernel, fdn._backward_apply_kernel):
-            _compile(kernel, cc, {**values, "BROADCAST": broadcast})
-    _compile(fdn._stats_partial_kernel, cc, values)
-    _compile(kron_lora._forward_kernel, cc, values)
-    _compile(kron_lora._backward_kernel, cc, values)
-    _compile(kron_lora._rank_grad_kernel, cc, {**values, "out_ptr": acc})  # dU: smat against dy
-    dv_values = {**values, "out_ptr": acc, "p_ptr": acc, "PREC": flags["PREC_ACC"]}  # dV: fp32 dt against x
-    _compile(kron_lora._rank_grad_kernel, cc, dv_values)
-    _compile(lowrank_proj._gemm_kernel, cc, values)
+    current = []
+
+    @contextlib.contextmanager
+    def device_of(t):
+        current.append(t.device)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(et, "device_of", device_of)
+    launched = set()
+
+    class Spy:
+        def __init__(self, kernel, name):
+            self._kernel, self._name = kernel, name
+
+        def __getattr__(self, attr):
+            return getattr(self._kernel, attr)
+
+        def __getitem__(self, grid):
+            run = self._kernel[grid]
+
+            def checked(*args, **kwargs):
+                devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+                assert current and devices == {current[-1]}, (self._name, current, devices)
+                launched.add(self._name)
+                return run(*args, **kwargs)
+
+            return checked
+
+    kernels = set()
+    for module in (fdn, kron_lora, lowrank_proj):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, triton.runtime.Autotuner):
+                monkeypatch.setattr(module, name, Spy(value, f"{module.__name__}.{name}"))
+                kernels.add(f"{module.__name__}.{name}")
+
+    with elr_ext.use_backend("triton"):  # forward and backward
+        for broadcast in (False, True):
+            z, gamma, beta = fdn_inputs((1, 4, 3, 2, 2), torch.float32, broadcast, False)
+            elr_ext.fdn(z, gamma, beta, num_groups=2, activation="silu").sum().backward()
+        x, A, U, V, weight, _ = kron_inputs((2, 3, 2, 4, 5, 2), 6, torch.float32, True)
+        for t in (x, A, U, V):
+            t.requires_grad_()
+        elr_ext.kron_lora_linear(x, A, U, V, weight).sum().backward()
+        x = torch.randn(5, 6, requires_grad=True)
+        down, up = torch.randn(3, 6, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+        sum(y.sum() for y in elr_ext.lowrank_proj(x, [down], [up])).backward()
+    assert launched == kernels
+
+
+# ------------------------------------------------------------------------------ Triton versions
+def test_interpreted_is_read_without_triton_knobs():
+    """Tritons before 3.4 (torch 2.4-2.7) have no triton.knobs: elr_ext.triton then reads
+    TRITON_INTERPRET as their triton.jit does, instead of failing to import."""
+    script = ("import triton, triton.language\n"
+              "del triton.knobs\n"
+              "import elr_ext.triton\n"
+              "assert not hasattr(triton, 'knobs')\n"
+              "print(elr_ext.triton.INTERPRETED)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for value, expected in (("1", "True"), (None, "False")):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if value is not None:
+            env["TRITON_INTERPRET"] = value
+        proc = subprocess.run([sys.executable, "-W", "ignore::RuntimeWarning", "-c", script], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.stdout.split() == [expected], proc.stdout

@@ -31,14 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cast_rn, check_device, configs, num_sms
+from . import cast_rn, check_device, configs, gpu_config, launch, num_sms
 
 _ACTIVATION_CODE = {"none": 0, "silu": 1}
 
 
 def _tile_configs():
     gpu = [
-        triton.Config({"BLOCK_C": bc, "BLOCK_HW": bhw}, num_warps=w)
+        gpu_config({"BLOCK_C": bc, "BLOCK_HW": bhw}, w, 3)
         for bc, bhw, w in ((1, 1024, 4), (2, 512, 4), (4, 256, 4), (8, 128, 4), (16, 64, 4), (32, 32, 4),
                            (4, 512, 8), (16, 128, 8), (64, 32, 8))
     ]
@@ -390,8 +390,9 @@ def forward(z, gamma, beta, num_groups: int, eps: float, activation: str):
     cpg, hw = c // num_groups, h * w
     part = torch.empty((n * num_groups, splits, 2), dtype=acc, device=z.device)
     grid = (n * num_groups, splits)
-    _stats_partial_kernel[grid](z, part, num_groups, cpg, hw, hw_per_split, splits, *zs)
-    _forward_apply_kernel[grid](
+    launch(_stats_partial_kernel, grid, z, part, num_groups, cpg, hw, hw_per_split, splits, *zs)
+    launch(
+        _forward_apply_kernel, grid,
         z, gamma, beta, out, part, mean, rstd, num_groups, cpg, hw, hw_per_split, splits, float(eps),
         *zs, *gs, *bs, *_nc_hw_strides(out),
         ACTIVATION=_ACTIVATION_CODE[activation], BROADCAST=broadcast, BLOCK_S=triton.next_power_of_2(splits),
@@ -438,14 +439,16 @@ def backward(grad_out, z, gamma, beta, mean, rstd, num_groups: int, activation: 
     dg_strides = _nc_hw_strides(full_grad) if (full_grad is not None and not broadcast) else (0, 0, 0)
     act = _ACTIVATION_CODE[activation]
     grid = (n * num_groups, splits)
-    _backward_partial_kernel[grid](
+    launch(
+        _backward_partial_kernel, grid,
         grad_out, z, gamma, beta, mean, rstd, part, chan_part, dgamma_arg, dbeta_arg,
         num_groups, cpg, hw, hw_per_split, splits,
         *zs, *ds, *gs, *bs, *dg_strides,
         ACTIVATION=act, BROADCAST=broadcast, NEED_DGAMMA=needs_gamma, NEED_DBETA=needs_beta,
     )
     if needs_z or broadcast:
-        _backward_apply_kernel[grid](
+        launch(
+            _backward_apply_kernel, grid,
             grad_out, z, gamma, beta, mean, rstd, part, chan_part,
             dz if dz is not None else part, dgamma_arg, dbeta_arg,
             num_groups, cpg, hw, hw_per_split, splits,

@@ -22,17 +22,36 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, cast_rn, check_device, configs, dot_precision, num_sms
+from . import INTERPRETED, cast_rn, check_device, configs, dot_precision, gpu_config, launch, num_sms
 
 
 def _gemm_configs():
-    gpu = [triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    gpu = [gpu_config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, w, s)
            for bm, bn, bk, w, s in ((128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4),
-                                    (64, 64, 64, 4, 3), (32, 64, 32, 4, 4), (128, 256, 32, 8, 3))]
+                                    (64, 64, 64, 4, 3), (32, 64, 32, 4, 4), (128, 256, 32, 8, 3),
+                                    (64, 64, 32, 8, 3), (64, 128, 32, 8, 3))]
     return configs(gpu, triton.Config({"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 2}, num_warps=1))
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "K_PER_SPLIT"])
+# IEEE fp32 (and fp64) dots run on the FMA units with their operand fragments in registers: tiles of
+# at most this many fp32 accumulators per thread and BK = 32 compile without spilling (ptxas -v at
+# SD shapes; 32 per thread, 64 x 64 on 4 warps, spilled 16 bytes on sm_90; docs/triton.md).
+_FMA_ACCUMULATORS_PER_THREAD = 16
+
+
+def _prune(tiles, named_args, **kwargs):
+    """Tensor-core dots keep every tile; FMA dots the ones within the register budget above."""
+    dtype = named_args["a_ptr"].dtype
+    if dtype not in (torch.float32, torch.float64) or kwargs["PREC"] == "tf32":
+        return tiles
+    limit = _FMA_ACCUMULATORS_PER_THREAD // (2 if dtype == torch.float64 else 1)
+    kept = [c for c in tiles if c.kwargs["BK"] <= 32
+            and c.kwargs["BM"] * c.kwargs["BN"] // (32 * c.num_warps) <= limit]
+    return kept or tiles[:1]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "K_PER_SPLIT", "PREC"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr,
@@ -112,8 +131,8 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, bia
     s_cs = 0 if splits == 1 else target.stride(0)
     s_cm, s_cn = (out.stride(0), out.stride(1)) if splits == 1 else (target.stride(1), target.stride(2))
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), splits)  # noqa: E731
-    _gemm_kernel[grid](
-        a, b, target, bias if (bias is not None and splits == 1) else a,
+    launch(
+        _gemm_kernel, grid, a, b, target, bias if (bias is not None and splits == 1) else a,
         M, N, K, per_split,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), s_cs, s_cm, s_cn,
         HAS_BIAS=bias is not None and splits == 1, ACC_TY=acc_ty, PREC=prec, UPCAST=upcast,
