@@ -21,10 +21,10 @@ import math
 import pytest
 import torch
 
-from cuda_sim.build import SimBuildUnavailable, _i64, compiler, load_sim
+from cuda_sim.build import _i64
 from cuda_sim.harness import poisoned, ptr, run_in_child
 from elr_ext.nn.kron_lora import kronecker_splits
-from test_kron_lora_cuda_sim import DTYPE_CODE, SIM_FUNCTIONS, _shape_p, c_shape, random_factors
+from test_kron_lora_cuda_sim import DTYPE_CODE, _shape_p, c_shape, random_factors, sim  # noqa: F401
 
 SM_COUNTS = (80, 108, 132)
 MIN_BLOCKS_PER_SM = 2
@@ -67,16 +67,6 @@ EXEMPT = {
     "kron_delta_grad_U": "T*b1*r outputs: weight-sized, no token dimension",
     "kron_delta_grad_V": "T*r*b2 outputs: weight-sized, no token dimension",
 }
-
-
-@pytest.fixture(scope="module")
-def sim():
-    if compiler() is None:
-        pytest.skip("no C++ compiler (g++) to build the CUDA simulation")
-    try:
-        return load_sim("kron_lora_sim", SIM_FUNCTIONS)
-    except SimBuildUnavailable as err:
-        pytest.skip(f"CUDA simulation unavailable: {err}")
 
 
 def kernel_names(sim):
