@@ -340,8 +340,10 @@ if __name__ == "__main__":  # importable by tests without building
         python_requires=">=3.9",
         install_requires=["torch>=2.4", "numpy"],
         extras_require={
-            "train": ["diffusers", "transformers", "safetensors", "accelerate", "tensorboard", "opencv-python-headless",
-                      "webdataset", "tqdm", "pyyaml", "torchmetrics", "torch-fidelity", "pillow"],
+            # upper bounds: the next major versions are untested; constraints.txt pins what the README used
+            "train": ["diffusers<1", "transformers<6", "safetensors", "accelerate<2", "tensorboard",
+                      "opencv-python-headless<6", "webdataset", "tqdm", "pyyaml", "torchmetrics", "torch-fidelity",
+                      "pillow", "scipy"],
             "test": ["pytest", "matplotlib", "peft", "lycoris-lora"],
         },
         ext_modules=ext_modules,

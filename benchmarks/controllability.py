@@ -176,7 +176,7 @@ def verdicts(columns: dict) -> dict:
         return m.get("value") if isinstance(m, dict) else None
 
     out = {}
-    for key, lower_better in (("edge_nmse", True), ("segmentation_iou", False)):
+    for key, lower_better in (("edge_nmse", True), ("edge_f_score", False), ("segmentation_iou", False)):
         elr, base, none = (value(c, key) for c in ("ELR Stage II (kron)", "Uni-ControlNet-style (full)",
                                                    "no control"))
         if None in (elr, base, none):

@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
         columns[f"from {t}"] = generated[t]
     evaluation.image_grid(columns).save(os.path.join(args.output_dir, "grid.png"))
     print(table)
-    for key in ("edge_nmse", "segmentation_iou", "fid", "clip_score", "sketch_clip_score"):
+    for key in ("edge_nmse", "edge_f_score", "segmentation_iou", "fid", "clip_score", "sketch_clip_score"):
         m = metrics.get(key)
         if isinstance(m, dict) and not m["available"]:
             print(f"{key}: unavailable ({m['reason']})")
@@ -184,4 +184,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from elr_training.cli import run_cli
+
+    run_cli(main, "evaluate.py")

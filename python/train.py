@@ -19,6 +19,7 @@ samples/step-<N>.png and samples.png (the last validation grid), loss_curves.png
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -50,8 +51,8 @@ from elr_training.config import (
 )
 from elr_training.data import ConditionMaker, ConditionSettings, build_training_data, build_validation_set
 from elr_training.models import load_components, tiny_components, unwrap
-from elr_training.run_log import RunLog, plot_curves, write_json
-from elr_training.stages import STAGES, weight_dtype_of
+from elr_training.run_log import RunLog, environment, plot_curves, write_json
+from elr_training.stages import STAGES, control_verdict, weight_dtype_of
 
 # Fields of the user's stage-2 command that the stages run before it (the default chain) inherit;
 # everything else (learning rate, steps, validation cadence ...) comes from each stage's own preset.
@@ -70,6 +71,8 @@ INHERITED_BY_EARLIER_STAGES = (
     "gradient_checkpointing",
     "compile",
     "cpu",
+    "num_threads",
+    "deterministic",
     "num_inference_steps",
     "num_validation_images",
     "loss_weighting",
@@ -80,6 +83,29 @@ INHERITED_BY_EARLIER_STAGES = (
 def main(argv=None) -> dict:
     # ---------------------------------------------------------------- arguments -> configuration
     config, sources = parse_config(argv)
+    with reproducible(config):
+        return train(config, sources)
+
+
+@contextlib.contextmanager
+def reproducible(config):
+    """--num-threads and --deterministic for the run, torch's previous settings restored after it."""
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    if config.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS (CUDA >= 10.2)
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+        torch.backends.cudnn.benchmark = before[2]
+
+
+def train(config, sources) -> dict:
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -223,7 +249,7 @@ def run_stage(config, sources, accelerator) -> dict:
     skipped = {"image": 0, "shard": 0}
     history = {}
     if config.resume_from_checkpoint:
-        path = find_checkpoint(config.resume_from_checkpoint, checkpoints_dir)
+        path = find_checkpoint(config.resume_from_checkpoint, checkpoints_dir, say)
         if path is None:
             say(f"--resume-from-checkpoint latest: no checkpoint in {checkpoints_dir} yet, starting fresh")
         else:
@@ -363,10 +389,13 @@ def run_stage(config, sources, accelerator) -> dict:
         "weights_checksum_per_process": checksums,
         **{k.replace("val/", "validation_"): v for k, v in validation_metrics.items()},
         "model_dir": model_dir,
+        "environment": environment(),
         "config": to_dict(config),
     }
     if hasattr(stage, "parameter_counts"):
         metrics["adapter_parameters"] = stage.parameter_counts
+    if config.stage == 2:
+        metrics["control_verdict"] = control_verdict(validation_metrics)
     if hasattr(stage, "report_dict"):
         metrics["decomposition"] = stage.report_dict()
     if accelerator.is_main_process:
@@ -382,6 +411,8 @@ def run_stage(config, sources, accelerator) -> dict:
             f"run folder {config.output_dir}: model/, checkpoints/, logs/, samples.png, loss_curves.png, "
             "metrics.json"
         )
+        if config.stage == 2:
+            say(metrics["control_verdict"])
     return metrics
 
 
@@ -492,7 +523,10 @@ def summarise_chain(output_dir: str, earlier: dict, final: dict, wall_time: floa
     }
     write_json(os.path.join(output_dir, "metrics.json"), metrics)
     print(f"all three stages done in {wall_time:.0f} s; run folder {output_dir}")
+    print(final["control_verdict"])
 
 
 if __name__ == "__main__":
-    main()
+    from elr_training.cli import run_cli
+
+    run_cli(main, "train.py")

@@ -49,6 +49,54 @@ def test_edge_nmse_unavailable_without_condition_edges():
     assert not res["available"] and res["value"] is None and "edge" in res["reason"]
 
 
+def test_edge_f_score_forgives_a_one_pixel_shift_that_nmse_counts():
+    scenes = _scenes()
+    images = [s["image"] for s in scenes]
+    edges = [canny_map(im)[0] for im in images]
+    same = evaluation.mean_edge_f_score(images, edges)
+    assert same["available"] and same["value"] == 1.0 and same["max_distance_px"] == 1.5
+    one = [np.roll(im, 1, axis=1) for im in images]
+    # NMSE counts the shifted outline twice; F matches every pixel within 1.5 px (but the rolled-in column)
+    assert evaluation.mean_edge_nmse(one, edges)["value"] > 0.5
+    assert evaluation.mean_edge_f_score(one, edges)["value"] > 0.9
+    far = evaluation.mean_edge_f_score([np.roll(im, 4, axis=1) for im in images], edges)["value"]
+    assert far < 0.5
+    blank = evaluation.mean_edge_f_score([np.full_like(im, 128) for im in images], edges)
+    assert blank["value"] == 0.0  # no generated edges: recall 0
+
+
+def test_edge_f_score_matching_is_one_to_one_and_maximum():
+    from scipy.optimize import linear_sum_assignment
+
+    from elr_training.metrics import edge_f_score, match_edge_pixels
+
+    # a 2-px wide generated line over a 1-px condition line: only half the generated pixels can match
+    cond = np.zeros((16, 16), np.uint8)
+    cond[8, 2:14] = 1
+    thick = np.zeros((16, 16), bool)
+    thick[8:10, 2:14] = True
+    assert match_edge_pixels(thick, cond.astype(bool), 1.5) == (12, 24, 12)
+    # random maps: the count equals the maximum matching found by an exhaustive assignment
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        a, b = rng.random((12, 12)) < 0.2, rng.random((12, 12)) < 0.2
+        tol = [1.0, 1.5, 2.0][trial % 3]
+        ya, xa = np.nonzero(a)
+        yb, xb = np.nonzero(b)
+        near = (ya[:, None] - yb[None]) ** 2 + (xa[:, None] - xb[None]) ** 2 <= tol * tol
+        r, c = linear_sum_assignment(-near.astype(float))
+        assert match_edge_pixels(a, b, tol)[0] == int(near[r, c].sum())
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[4:12, 4:12] = 255
+    d = edge_f_score(image, canny_map(image)[0], details=True)
+    assert d["f_score"] == d["precision"] == d["recall"] == 1.0 and d["matched"] == d["condition_pixels"] > 0
+    assert np.isnan(edge_f_score(image, np.zeros((16, 16), np.uint8)))  # no condition edge: undefined
+    with pytest.raises(ValueError, match="max_distance"):
+        edge_f_score(image, cond, max_distance=-1)
+    with pytest.raises(ValueError, match="edge_f_score: generated image is 16x16 but condition_edges is 8x8"):
+        edge_f_score(image, np.zeros((8, 8), np.uint8))
+
+
 def test_segmentation_iou_one_on_the_data_lower_when_shifted():
     scenes = _scenes()
     pairs = [evaluation.segment_like_reference(s["image"], s["image"], s["mask"]) for s in scenes]

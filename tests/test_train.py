@@ -143,11 +143,18 @@ def test_stage1_feature_distillation_and_min_snr(tmp_path, teacher):
     )
 
 
-def test_stage2_control_loss_falls_and_reports_edge_nmse(tmp_path, student):
-    metrics = run(2, tmp_path, "--backbone", str(student[0]), "--validation-steps", "6", steps=6, lr=3e-3)
+def test_stage2_control_loss_falls_and_reports_edge_nmse(tmp_path, student, capsys):
+    metrics = run(2, tmp_path, "--backbone", str(student[0]), "--validation-steps", "6",
+                  "--condition-types", "canny", "seg", steps=6, lr=3e-3)
     assert metrics["fixed_batch_loss_after"] < metrics["fixed_batch_loss_before"], metrics
     for key in ("validation_edge_nmse_control", "validation_edge_nmse_no_control"):
         assert metrics[key] is not None and metrics[key] >= 0
+    for key in ("validation_edge_f_score_control", "validation_edge_f_score_no_control",
+                "validation_seg_iou_control", "validation_seg_iou_no_control"):
+        assert 0 <= metrics[key] <= 1, key
+    verdict = metrics["control_verdict"]
+    assert verdict.startswith("the control") and "segmentation IoU" in verdict and "edge F-score" in verdict
+    assert verdict in capsys.readouterr().out
     assert metrics["adapter_parameters"]["trainable"] < metrics["adapter_parameters"]["total"]
     assert os.path.isfile(os.path.join(tmp_path, "model", "adapter", "config.json"))
     assert os.path.isfile(os.path.join(tmp_path, "samples", "step-6.png"))
@@ -201,6 +208,47 @@ def test_resume_gives_the_weights_of_an_unbroken_run(tmp_path, student):
         assert json.load(f)["batch_in_epoch"] == 4
 
 
+def test_damaged_latest_checkpoint_resumes_from_the_one_before_saying_so(tmp_path, student, capsys):
+    from elr_training.checkpoint import CheckpointError, find_checkpoint
+
+    common = ("--backbone", str(student[0]), "--checkpointing-steps", "2", "--synthetic-size", "16")
+    run(2, tmp_path / "straight", *common, steps=4, lr=1e-3)
+    run(2, tmp_path / "broken", *common, steps=4, lr=1e-3)
+    checkpoints = tmp_path / "broken" / "checkpoints"
+    (checkpoints / "checkpoint-4" / "model.safetensors").write_bytes(os.urandom(100))
+    # an explicit damaged checkpoint: an error naming the file and the complete one before it
+    with pytest.raises(CheckpointError, match=r"checkpoint-4: damaged, model\.safetensors: .*checkpoint-2"):
+        find_checkpoint(str(checkpoints / "checkpoint-4"), str(checkpoints))
+    capsys.readouterr()
+    resumed = run(2, tmp_path / "broken", *common, "--resume-from-checkpoint", "latest", steps=4, lr=1e-3)
+    out = capsys.readouterr().out
+    assert "checkpoint-4 is damaged (model.safetensors:" in out and "resumed from" in out and "checkpoint-2" in out
+    assert resumed["global_step"] == 4
+    straight, broken = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "broken")
+    for name in straight:  # steps 3 and 4 trained again from checkpoint-2: the unbroken run's weights
+        torch.testing.assert_close(broken[name], straight[name], rtol=0, atol=1e-6, msg=name)
+    (checkpoints / "checkpoint-2" / "optimizer.pt").write_bytes(b"truncated")
+    (checkpoints / "checkpoint-4" / "model.safetensors").write_bytes(os.urandom(100))
+    with pytest.raises(CheckpointError, match="every checkpoint .* is damaged"):
+        find_checkpoint("latest", str(checkpoints), say=lambda _: None)
+
+
+def test_errors_print_as_one_line_unless_debug(tmp_path):
+    script = os.path.join(REPO, "python", "train.py")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    env.pop("ELR_DEBUG", None)
+    missing = str(tmp_path / "no-such-folder")
+    argv = [sys.executable, script, "--stage", "2", "--data", missing, "--output-dir", str(tmp_path / "r")]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"train.py: error: --data {missing}: no such file or folder (--debug or ELR_DEBUG=1 for the traceback)"
+    )
+    assert "Traceback" not in done.stderr
+    debug = subprocess.run(argv + ["--debug"], env=env, capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
+
+
 def test_checkpoint_is_atomic(tmp_path):
     """A .tmp folder left by a crash is neither resumed from nor kept."""
     from elr_training.checkpoint import find_checkpoint, list_checkpoints
@@ -223,6 +271,73 @@ def test_stage2_alone_runs_stages_0_and_1_first(tmp_path, capsys):
     assert set(top["earlier_stages"]) == {"stage0", "stage1"} and "wall_time_all_stages_s" in top
     assert metrics["config"]["backbone"] == str(tmp_path / "stage1")
     assert os.path.isfile(tmp_path / "loss_curves.png") and os.path.isfile(tmp_path / "samples.png")
+
+
+# Values of metrics.json that are clocks or paths, not results: the reproducibility test skips them.
+NOT_RESULTS = {"wall_time_s", "s_per_it_median", "wall_time_all_stages_s", "model_dir", "output_dir", "backbone",
+               "teacher"}
+
+
+def _results(value):
+    if isinstance(value, dict):
+        return {k: _results(v) for k, v in value.items() if k not in NOT_RESULTS}
+    if isinstance(value, list):
+        return [_results(v) for v in value]
+    return value
+
+
+def test_the_default_chain_gives_the_same_numbers_twice(tmp_path):
+    """Stages 0, 1 and 2 in a row, twice, each in a fresh process: metrics.json and every saved weight
+    bit for bit (torch's thread count left to the machine: the preset fixes it)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["PYTHONPATH"] = REPO
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        subprocess.run(
+            [sys.executable, os.path.join(REPO, "python", "train.py"), "--stage", "2", "--output-dir", str(out),
+             "--max-train-steps", "3", "--earlier-stage-steps", "3", "3", "--validation-steps", "3", *TINY],
+            check=True, env=env, capture_output=True, text=True,
+        )
+        runs.append(out)
+    a, b = (read_metrics(out) for out in runs)
+    assert a["environment"]["torch_threads"] == 2 and a["environment"]["deterministic_algorithms"]
+    assert a["control_verdict"] == b["control_verdict"] and "edge NMSE" in a["control_verdict"]
+    assert _results(a) == _results(b)
+    files = sorted(p.relative_to(runs[0]) for p in runs[0].rglob("*.safetensors"))
+    assert any("stage0" in str(f) for f in files) and any("adapter" in str(f) for f in files)
+    for f in files:
+        left, right = load_file(runs[0] / f), load_file(runs[1] / f)
+        assert left.keys() == right.keys(), f
+        for key in left:
+            assert torch.equal(left[key], right[key]), (f, key)
+
+
+def test_control_verdict_in_words():
+    from elr_training.stages import control_verdict
+
+    helped = control_verdict({"validation_edge_nmse_control": 1.0, "validation_edge_nmse_no_control": 2.0,
+                              "validation_edge_f_score_control": 0.5, "validation_edge_f_score_no_control": 0.25})
+    assert helped == ("the control helped: edge NMSE 1.000 with control vs 2.000 without (50% lower, better); "
+                      "edge F-score 0.500 with control vs 0.250 without (100% higher, better)")
+    mixed = control_verdict({"val/edge_nmse_control": 2.5, "val/edge_nmse_no_control": 2.0,
+                             "val/seg_iou_control": 0.5, "val/seg_iou_no_control": 0.3})
+    assert mixed.startswith("the control helped on some metrics only: edge NMSE 2.500") and "(25% higher, worse)" in mixed
+    assert control_verdict({"val/edge_nmse_control": 3.0, "val/edge_nmse_no_control": 2.0}).startswith(
+        "the control did not help")
+    assert control_verdict({}) == "no control metric was measured"
+
+
+def test_num_threads_and_deterministic_apply_for_the_run_only(tmp_path):
+    from elr_training.config import ControlConfig, make_config
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    config, _ = make_config(ControlConfig, dict(stage=2, num_threads=1, deterministic=True, max_train_steps=1))
+    with train.reproducible(config):
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
+    with pytest.raises(ValueError, match="--num-threads must be >= 0"):
+        make_config(ControlConfig, dict(stage=2, num_threads=-1, max_train_steps=1))
 
 
 def test_accelerate_launch_two_cpu_processes_agree(tmp_path, student):

@@ -129,6 +129,9 @@ def test_condition_dropout_matches_uni_controlnet_probabilities():
     assert abs(canny_kept.mean() - (0.1 + 0.8 * 0.5)) < 0.02
     assert abs((canny_kept & seg_kept).mean() - (0.1 + 0.8 * 0.25)) < 0.02
     assert abs((~canny_kept & ~seg_kept).mean() - (0.1 + 0.8 * 0.25)) < 0.02
+    # one condition type: dropped with drop_all only, not in half of the steps
+    _, alone = dropout(["a"] * n, torch.ones(n, 1, 2, 2), ["canny"], torch.Generator().manual_seed(1))
+    assert abs((alone[:, 0, 0, 0] > 0).float().mean().item() - 0.9) < 0.01
     with pytest.raises(ValueError, match="keep_all \\+ drop_all"):
         ConditionDropout(keep_all=0.6, drop_all=0.6)
 

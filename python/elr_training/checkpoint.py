@@ -42,14 +42,85 @@ def list_checkpoints(folder: str) -> list:
     return [os.path.join(folder, name) for _, name in sorted(found)]
 
 
-def find_checkpoint(spec: str, folder: str) -> Optional[str]:
-    """--resume-from-checkpoint: 'latest' (None when there is none yet) or an explicit folder."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: names the file, the checkpoint and what to do instead."""
+
+
+def damage(path: str) -> Optional[str]:
+    """Why the checkpoint folder `path` cannot be resumed from ('<file>: <reason>'), or None when every
+    file it needs is there and readable: state.json parses, model.safetensors' header and sizes
+    agree, the .pt files are complete zip archives. Cheap: no tensor data is read."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    state_path = os.path.join(path, "state.json")
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or "global_step" not in state:
+            return "state.json: no global_step in it"
+    except (OSError, ValueError) as error:
+        return f"state.json: {error}"
+    weights = os.path.join(path, "model.safetensors")
+    try:
+        with safe_open(weights, framework="pt") as f:
+            f.keys()
+    except Exception as error:  # safetensors raises its own SafetensorError for damaged headers
+        return f"model.safetensors: {error}"
+    needed = ["lr_scheduler.pt"] + ([] if os.path.isdir(os.path.join(path, "deepspeed")) else ["optimizer.pt"])
+    for name in needed:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name}: missing"
+        if not zipfile.is_zipfile(file):
+            return f"{name}: not a complete torch.save archive"
+        try:
+            with zipfile.ZipFile(file) as archive:
+                broken = archive.testzip()
+        except (OSError, zipfile.BadZipFile) as error:
+            return f"{name}: {error}"
+        if broken is not None:
+            return f"{name}: {broken} is corrupt"
+    return None
+
+
+def find_checkpoint(spec: str, folder: str, say=print) -> Optional[str]:
+    """--resume-from-checkpoint: 'latest' (None when there is none yet) or an explicit folder.
+
+    'latest' skips damaged checkpoints, newest first, saying which and why, and resumes from the newest
+    complete one. An explicit damaged checkpoint is an error that names the file and offers the
+    newest complete checkpoint before it."""
     if spec == "latest":
         found = list_checkpoints(folder)
-        return found[-1] if found else None
+        for path in reversed(found):
+            problem = damage(path)
+            if problem is None:
+                return path
+            say(f"--resume-from-checkpoint latest: {path} is damaged ({problem}); trying the one before it")
+        if found:
+            raise CheckpointError(
+                f"--resume-from-checkpoint latest: every checkpoint in {folder} is damaged; remove them "
+                f"to start fresh"
+            )
+        return None
     if not os.path.isfile(os.path.join(spec, "state.json")):
         raise FileNotFoundError(f"--resume-from-checkpoint {spec}: not a checkpoint (no state.json in it)")
+    problem = damage(spec)
+    if problem is not None:
+        parent = os.path.dirname(os.path.abspath(spec))
+        match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(spec)))
+        step = int(match.group(1)) if match else None
+        earlier = [p for p in list_checkpoints(parent) if step is None or _step(p) < step]
+        complete = next((p for p in reversed(earlier) if damage(p) is None), None)
+        offer = (f"; the newest complete one before it is {complete}" if complete
+                 else "; no complete checkpoint before it")
+        raise CheckpointError(f"--resume-from-checkpoint {spec}: damaged, {problem}{offer}")
     return spec
+
+
+def _step(path: str) -> int:
+    return int(CHECKPOINT_PATTERN.match(os.path.basename(path)).group(1))
 
 
 def trained_state(model: torch.nn.Module, names: list) -> dict:
@@ -108,7 +179,11 @@ def save_checkpoint(
 
 def load_trained_weights(model, path: str) -> None:
     """Copies a checkpoint's model.safetensors (the trained parameters) into `model`, in place."""
-    weights = load_file(os.path.join(path, "model.safetensors"))
+    file = os.path.join(path, "model.safetensors")
+    try:
+        weights = load_file(file)
+    except Exception as error:  # SafetensorError, OSError: name the file
+        raise CheckpointError(f"checkpoint {path}: cannot read {file}: {error}") from error
     params = dict(model.named_parameters())
     missing = sorted(set(weights) - set(params))
     if missing:

@@ -14,6 +14,9 @@ edge NMSE      per sample, elr_training.metrics.edge_nmse: Canny(gray(generated)
                mean(E_cond^2), i.e. (missed + spurious edge pixels) / (condition edge pixels).
                0 is a perfect match, an image without edges scores 1. Reported: the mean over
                samples whose condition has edges.
+edge F-score   per sample, elr_training.metrics.edge_f_score: the BSDS boundary F-measure of the same two
+               maps, edge pixels matched one to one within 1.5 px (a one-pixel shift in any direction
+               is a match, not a miss plus a spurious edge); F = 2PR / (P + R), 1 is a perfect match.
 seg IoU        per sample, elr_training.metrics.segmentation_iou: mean over the classes present in
                either mask of |pred & true| / |pred | true|. Synthetic data: pred = every pixel of the
                generated image labelled with the class of the nearest palette colour (RGB distance),
@@ -40,11 +43,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .metrics import edge_nmse, segmentation_iou, to_uint8_image
+from .metrics import edge_f_score, edge_nmse, segmentation_iou, to_uint8_image
 
 __all__ = [
     "measured", "unavailable", "frechet_inception_distance", "clip_score", "palette_segmentation",
-    "mean_edge_nmse", "mean_segmentation_iou", "image_grid", "table2_markdown", "table1_markdown",
+    "mean_edge_nmse", "mean_edge_f_score", "mean_segmentation_iou", "image_grid", "table2_markdown", "table1_markdown",
     "format_value",
 ]
 
@@ -84,6 +87,20 @@ def mean_edge_nmse(generated: Sequence, condition_edges: Sequence, low_threshold
     return measured(float(np.mean(defined)), num_samples=len(defined), skipped_empty=len(values) - len(defined),
                     std=float(np.std(defined)), canny_thresholds=[low_threshold, high_threshold],
                     per_sample=[float(v) for v in values])
+
+
+def mean_edge_f_score(generated: Sequence, condition_edges: Sequence, max_distance: float = 1.5,
+                      low_threshold: int = 100, high_threshold: int = 200) -> dict:
+    """Mean BSDS boundary F-score (tolerance `max_distance` px) over the samples whose condition has edges."""
+    if len(generated) != len(condition_edges):
+        raise ValueError(f"mean_edge_f_score: {len(generated)} generated images but {len(condition_edges)} edge maps")
+    values = [edge_f_score(g, e, max_distance, low_threshold, high_threshold) for g, e in zip(generated, condition_edges)]
+    defined = [v for v in values if not math.isnan(v)]
+    if not defined:
+        return unavailable("no condition edge map has any edge pixel", num_samples=len(values))
+    return measured(float(np.mean(defined)), num_samples=len(defined), skipped_empty=len(values) - len(defined),
+                    std=float(np.std(defined)), max_distance_px=max_distance,
+                    canny_thresholds=[low_threshold, high_threshold], per_sample=[float(v) for v in values])
 
 
 def palette_segmentation(image, palette) -> np.ndarray:
@@ -435,8 +452,10 @@ def evaluate_model(model: ControlModel, samples: List[dict], steps: int = 20, gu
         edges = [s["conditions"][condition_slice(types, "canny")][0].numpy() for s in samples]
         metrics["edge_nmse"] = mean_edge_nmse(generated["canny"], edges)
         metrics["edge_nmse_data"] = mean_edge_nmse(data_images, edges)  # the data's own score (0 on synthetic)
+        metrics["edge_f_score"] = mean_edge_f_score(generated["canny"], edges)
     else:
         metrics["edge_nmse"] = unavailable("the adapter takes no canny condition")
+        metrics["edge_f_score"] = unavailable("the adapter takes no canny condition")
 
     # segmentation IoU: images generated from the segmentation map
     if "seg" in types and synthetic:
@@ -543,6 +562,7 @@ TABLE2_ROWS = [
     ("Image Quality", "CLIP Score ↑ (prompt, cosine)", "clip_score", False),
     ("Controllability", "Sketch Maps (CLIP Score ↑)", "sketch_clip_score", False),
     ("Controllability", "Edge Maps (NMSE ↓)", "edge_nmse", True),
+    ("Controllability", "Edge Maps (boundary F ↑, 1.5 px)", "edge_f_score", False),
     ("Controllability", "Segmentation Maps (IoU ↑)", "segmentation_iou", False),
 ]
 

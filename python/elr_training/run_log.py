@@ -105,3 +105,39 @@ def write_json(path: str, values: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(clean(values), f, indent=2)
     os.replace(tmp, path)
+
+
+# The packages whose versions can change a run's numbers (kernels, schedulers, image decoding, Canny).
+RESULT_PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "numpy", "opencv-python-headless", "pillow",
+                   "scipy", "safetensors")
+
+
+def environment() -> Dict[str, object]:
+    """What the numbers of a run depend on beyond its configuration: package versions, the CPU and
+    torch's thread count (metrics.json records it; the README says what may differ across CPUs)."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    versions = {}
+    for name in RESULT_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "python": platform.python_version(),
+        "packages": versions,
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }

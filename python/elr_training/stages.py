@@ -513,46 +513,59 @@ class ControlStage:
 
     @torch.no_grad()
     def validate(self, samples: List[dict], step: int) -> Tuple[np.ndarray, Dict[str, float]]:
-        """Generated with control and, from the same noise, by the same backbone without control;
-        edge NMSE of both against the edge map (the canny condition, or Canny of the data image)."""
+        """Generated from each trained condition type alone (all of them when there is one) and, from the
+        same noise, by the same backbone without control; each condition's metric for both:
+        edge NMSE and boundary F-score against the edge map (the canny condition, or Canny of the
+        data image when no canny map is trained), segmentation IoU against the exact masks of the
+        synthetic scenes when seg is trained."""
+        from .evaluation import mean_edge_f_score, mean_segmentation_iou, only, segment_like_reference
+
         pixels = torch.stack([s["pixel_values"] for s in samples])
         conditions = torch.stack([s["conditions"] for s in samples]).to(self.device)
         captions = [s["caption"] for s in samples]
         adapter = unwrap(self.adapter)
         was_training = adapter.training
         adapter.eval()
-        controlled = generate(
-            self.components,
-            self.unet,
-            adapter,
-            captions,
-            conditions,
-            self.config,
-            self.config.conditioning_scale,
-            seed=self.config.seed,
-        )
-        free = generate(
-            self.components, self.unet, adapter, captions, conditions, self.config, 0.0, seed=self.config.seed
-        )
+
+        def sample(condition, scale):
+            return generate(
+                self.components, self.unet, adapter, captions, condition, self.config, scale, seed=self.config.seed
+            )
+
+        controlled = {
+            kind: sample(only(conditions, self.types, kind) if len(self.types) > 1 else conditions,
+                         self.config.conditioning_scale)
+            for kind in self.types
+        }
+        free = sample(conditions, 0.0)
         adapter.train(was_training)
         data = pixels_to_uint8(pixels)
+        metrics: Dict[str, float] = {}
+        edge_kind = "canny" if "canny" in self.types else self.types[0]
         if "canny" in self.types:
             start = sum(CONDITION_CHANNELS[t] for t in self.types[: self.types.index("canny")])
             edges = [conditions[i, start].cpu().numpy() for i in range(len(samples))]
         else:
             edges = [canny_edges(image) for image in data]
-        nmse_control = [edge_nmse(img, e) for img, e in zip(controlled, edges)]
-        nmse_free = [edge_nmse(img, e) for img, e in zip(free, edges)]
-        metrics = {
-            "val/edge_nmse_control": float(np.nanmean(nmse_control)),
-            "val/edge_nmse_no_control": float(np.nanmean(nmse_free)),
-            "val/edge_nmse_data": float(np.nanmean([edge_nmse(img, e) for img, e in zip(data, edges)])),
-        }
+        for name, images in (("control", controlled[edge_kind]), ("no_control", free)):
+            metrics[f"val/edge_nmse_{name}"] = float(np.nanmean([edge_nmse(i, e) for i, e in zip(images, edges)]))
+            metrics[f"val/edge_f_score_{name}"] = mean_edge_f_score(images, edges)["value"]
+        metrics["val/edge_nmse_data"] = float(np.nanmean([edge_nmse(i, e) for i, e in zip(data, edges)]))
+        if "seg" in self.types and all("mask" in s for s in samples):
+            from .data.synthetic import NUM_CLASSES
+
+            for name, images in (("control", controlled["seg"]), ("no_control", free)):
+                pairs = [segment_like_reference(i, d, s["mask"]) for i, d, s in zip(images, data, samples)]
+                metrics[f"val/seg_iou_{name}"] = mean_segmentation_iou(
+                    [p for p, _ in pairs], [t for _, t in pairs], NUM_CLASSES
+                )["value"]
         rows = slice(0, GRID_ROWS)  # the metrics use every validation sample, the picture the first few
-        grid = image_grid(
-            [condition_to_uint8(conditions[rows], self.types), controlled[rows], free[rows], data[rows]],
-            ["condition", "control", "no control", "data"],
+        columns = [condition_to_uint8(conditions[rows], self.types)]
+        columns += [controlled[kind][rows] for kind in self.types]
+        titles = ["condition"] + (
+            ["control"] if len(self.types) == 1 else [f"from {kind}" for kind in self.types]
         )
+        grid = image_grid(columns + [free[rows], data[rows]], titles + ["no control", "data"])
         return grid, metrics
 
     def save(self, folder: str) -> None:
@@ -573,6 +586,45 @@ class ControlStage:
 
 
 STAGES = {0: TeacherStage, 1: DistillStage, 2: ControlStage}
+
+# (metric, words, lower is better) of the control-versus-no-control comparison of stage 2's validation.
+CONTROL_METRICS = (
+    ("edge_nmse", "edge NMSE", True),
+    ("edge_f_score", "edge F-score", False),
+    ("seg_iou", "segmentation IoU", False),
+)
+
+
+def control_verdict(metrics: Dict[str, float]) -> str:
+    """In words, from stage 2's validation metrics (keys with or without 'val/' / 'validation_'): did
+    the control help? One clause per metric with both values and the relative change."""
+    def value(key):
+        for prefix in ("val/", "validation_", ""):
+            if metrics.get(prefix + key) is not None:
+                return float(metrics[prefix + key])
+        return None
+
+    clauses, helped = [], []
+    for key, words, lower in CONTROL_METRICS:
+        with_control, without = value(f"{key}_control"), value(f"{key}_no_control")
+        if with_control is None or without is None or not np.isfinite([with_control, without]).all():
+            continue
+        better = with_control < without if lower else with_control > without
+        change = (with_control - without) / abs(without) if without else float("inf")
+        helped.append(better)
+        clauses.append(
+            f"{words} {with_control:.3f} with control vs {without:.3f} without "
+            f"({abs(change):.0%} {('lower' if change < 0 else 'higher')}, {'better' if better else 'worse'})"
+        )
+    if not clauses:
+        return "no control metric was measured"
+    if all(helped):
+        head = "the control helped"
+    elif not any(helped):
+        head = "the control did not help"
+    else:
+        head = "the control helped on some metrics only"
+    return f"{head}: " + "; ".join(clauses)
 
 
 def count(module: nn.Module) -> int:

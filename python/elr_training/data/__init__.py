@@ -26,6 +26,7 @@ __all__ = [
     "TrainingData",
     "build_training_data",
     "build_validation_set",
+    "check_data_exists",
     "detect_format",
     "ConditionDropout",
     "ConditionMaker",
@@ -38,9 +39,17 @@ __all__ = [
 VALIDATION_SEED_OFFSET = 1_000_003
 
 
+def check_data_exists(data: str) -> None:
+    """--data names a file or folder that exists (shard patterns and URLs are checked when read)."""
+    spec = any(mark in data for mark in ("*", ",", "{", "://", "pipe:"))
+    if data != "synthetic" and not spec and not os.path.exists(data):
+        raise FileNotFoundError(f"--data {data}: no such file or folder")
+
+
 def detect_format(data: str) -> str:
     if data == "synthetic":
         return "synthetic"
+    check_data_exists(data)
     if os.path.isfile(os.path.join(data, "anno.txt")):
         return "unicontrolnet"
     if os.path.isfile(os.path.join(data, "metadata.jsonl")) or os.path.isfile(
