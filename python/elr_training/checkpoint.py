@@ -49,7 +49,7 @@ class CheckpointError(ValueError):
 def damage(path: str) -> Optional[str]:
     """Why the checkpoint folder `path` cannot be resumed from ('<file>: <reason>'), or None when every
     file it needs is there and readable: state.json parses, model.safetensors' header and sizes
-    agree, the .pt files are complete zip archives. Cheap: no tensor data is read."""
+    agree, the .pt files end in a zip directory. Cheap: only headers and directories are read."""
     import zipfile
 
     from safetensors import safe_open
@@ -73,15 +73,8 @@ def damage(path: str) -> Optional[str]:
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             return f"{name}: missing"
-        if not zipfile.is_zipfile(file):
+        if not zipfile.is_zipfile(file):  # a truncated or overwritten archive has no zip directory at its end
             return f"{name}: not a complete torch.save archive"
-        try:
-            with zipfile.ZipFile(file) as archive:
-                broken = archive.testzip()
-        except (OSError, zipfile.BadZipFile) as error:
-            return f"{name}: {error}"
-        if broken is not None:
-            return f"{name}: {broken} is corrupt"
     return None
 
 

@@ -9,7 +9,7 @@ import sys
 from typing import Callable, List, Optional
 
 # Errors that the input explains (a bad flag value, a missing or damaged file): the message is all the user needs.
-INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, KeyError)
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def run_cli(main: Callable, program: str, argv: Optional[List[str]] = None) -> None:
@@ -27,8 +27,7 @@ def run_cli(main: Callable, program: str, argv: Optional[List[str]] = None) -> N
         print(f"{program}: interrupted", file=sys.stderr)
         sys.exit(130)
     except INPUT_ERRORS as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        message = " ".join(str(message).split())
+        message = " ".join(str(error).split())
         print(f"{program}: error: {message} (--debug or ELR_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
     except Exception as error:  # noqa: BLE001 - a script's last word, with the type that says where to look

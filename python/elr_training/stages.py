@@ -29,7 +29,7 @@ from torch import nn
 
 from .data import ConditionDropout, condition_channels
 from .data.conditions import CONDITION_CHANNELS
-from .metrics import canny_edges, edge_nmse
+from .metrics import canny_edges
 from .models import Components, encode_images, encode_prompts, save_model_folder, unwrap
 
 
@@ -518,7 +518,14 @@ class ControlStage:
         edge NMSE and boundary F-score against the edge map (the canny condition, or Canny of the
         data image when no canny map is trained), segmentation IoU against the exact masks of the
         synthetic scenes when seg is trained."""
-        from .evaluation import mean_edge_f_score, mean_segmentation_iou, only, segment_like_reference
+        from .evaluation import (
+            condition_slice,
+            mean_edge_f_score,
+            mean_edge_nmse,
+            mean_segmentation_iou,
+            only,
+            segment_like_reference,
+        )
 
         pixels = torch.stack([s["pixel_values"] for s in samples])
         conditions = torch.stack([s["conditions"] for s in samples]).to(self.device)
@@ -543,14 +550,14 @@ class ControlStage:
         metrics: Dict[str, float] = {}
         edge_kind = "canny" if "canny" in self.types else self.types[0]
         if "canny" in self.types:
-            start = sum(CONDITION_CHANNELS[t] for t in self.types[: self.types.index("canny")])
+            start = condition_slice(self.types, "canny").start
             edges = [conditions[i, start].cpu().numpy() for i in range(len(samples))]
         else:
             edges = [canny_edges(image) for image in data]
         for name, images in (("control", controlled[edge_kind]), ("no_control", free)):
-            metrics[f"val/edge_nmse_{name}"] = float(np.nanmean([edge_nmse(i, e) for i, e in zip(images, edges)]))
+            metrics[f"val/edge_nmse_{name}"] = mean_edge_nmse(images, edges)["value"]
             metrics[f"val/edge_f_score_{name}"] = mean_edge_f_score(images, edges)["value"]
-        metrics["val/edge_nmse_data"] = float(np.nanmean([edge_nmse(i, e) for i, e in zip(data, edges)]))
+        metrics["val/edge_nmse_data"] = mean_edge_nmse(data, edges)["value"]
         if "seg" in self.types and all("mask" in s for s in samples):
             from .data.synthetic import NUM_CLASSES
 
@@ -599,7 +606,7 @@ def control_verdict(metrics: Dict[str, float]) -> str:
     """In words, from stage 2's validation metrics (keys with or without 'val/' / 'validation_'): did
     the control help? One clause per metric with both values and the relative change."""
     def value(key):
-        for prefix in ("val/", "validation_", ""):
+        for prefix in ("val/", "validation_"):
             if metrics.get(prefix + key) is not None:
                 return float(metrics[prefix + key])
         return None
