@@ -18,7 +18,7 @@ segmentation IoU; FID and CLIP score only with --inception-weights / --clip-mode
 their parameter count, the held-out denoising MSE (fixed noise and timesteps, against the true noise),
 the distillation MSE against the teacher, and FID / CLIP score when weights are given.
 
-Targets (issue 7): ELR's edge NMSE and IoU within 10% of the full baseline's, and far better than no
+Targets: ELR's edge NMSE and IoU within 10% of the full baseline's, and far better than no
 control (here: at least 25% better, relative).
 
     python benchmarks/controllability.py --quick          # tiny budget, a smoke run (minutes)
@@ -47,7 +47,10 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from elr_training import evaluation  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from elr_training import evaluation, run_folder, sampling  # noqa: E402
+from elr_training.metrics import clip_score, frechet_inception_distance, measured, unavailable  # noqa: E402
 
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 TRAIN = os.path.join(ROOT, "python", "train.py")
@@ -130,7 +133,7 @@ def denoising_errors(unet, teacher, components, samples, seed: int) -> dict:
     """Held-out MSE of the UNet's prediction against the true target (and against the teacher's), at
     fixed noise and timesteps drawn from `seed`: comparable across the Stage I rows."""
     from elr_training.models import encode_images, encode_prompts
-    from elr_training.stages import noisy_inputs
+    from elr_training.losses import noisy_inputs
 
     g = torch.Generator().manual_seed(seed)
     pixels = torch.stack([s["pixel_values"] for s in samples])
@@ -139,9 +142,9 @@ def denoising_errors(unet, teacher, components, samples, seed: int) -> dict:
     noisy, t, _, target = noisy_inputs(components.noise_scheduler, latents, g)
     out = unet(noisy, t, encoder_hidden_states=text).sample.float()
     ref = teacher(noisy, t, encoder_hidden_states=text).sample.float()
-    return {"denoising_mse": evaluation.measured(float(torch.mean((out - target.float()) ** 2)),
-                                                 num_samples=len(samples)),
-            "kd_mse_vs_teacher": evaluation.measured(float(torch.mean((out - ref) ** 2)))}
+    return {"denoising_mse": measured(float(torch.mean((out - target.float()) ** 2)),
+                                    num_samples=len(samples)),
+            "kd_mse_vs_teacher": measured(float(torch.mean((out - ref) ** 2)))}
 
 
 def stage1_table(runs: dict, samples, args, log: dict) -> dict:
@@ -155,16 +158,16 @@ def stage1_table(runs: dict, samples, args, log: dict) -> dict:
     for key, label in names.items():
         if key not in runs:
             reason = log.get(key, {}).get("reason", "not trained")
-            rows[label] = {k: evaluation.unavailable(reason) for k in ("fid", "clip_score", "denoising_mse")}
+            rows[label] = {k: unavailable(reason) for k in ("fid", "clip_score", "denoising_mse")}
             continue
         components = load_components(runs[key], key)
         unet = components.unet.eval()
         row = {"total_params": sum(p.numel() for p in unet.parameters()),
                **denoising_errors(unet, teacher.unet.eval(), teacher, samples, args.seed)}
-        model = evaluation.ControlModel(components, None, ["canny"])
+        model = run_folder.ControlModel(components, None, ["canny"])
         images = evaluation.generate_images(model, samples, None, args.steps, args.guidance_scale, 1.0, args.seed)
-        row["fid"] = evaluation.frechet_inception_distance([s["image"] for s in samples], images, args.inception_weights)
-        row["clip_score"] = evaluation.clip_score(images, [s["caption"] for s in samples], args.clip_model)
+        row["fid"] = frechet_inception_distance([s["image"] for s in samples], images, args.inception_weights)
+        row["clip_score"] = clip_score(images, [s["caption"] for s in samples], args.clip_model)
         rows[label] = row
     return rows
 
@@ -219,10 +222,10 @@ def main(argv=None) -> dict:
     resolution = load_components(runs["teacher"], "teacher").unet.config.sample_size
     samples = evaluation.evaluation_samples(CONDITIONS, args.num_samples, resolution, seed=args.seed)
     models = {
-        "no control": evaluation.load_control_model(backbone=runs["teacher"], condition_types=CONDITIONS,
+        "no control": run_folder.load_control_model(backbone=runs["teacher"], condition_types=CONDITIONS,
                                                     no_control=True),
-        "Uni-ControlNet-style (full)": evaluation.load_control_model(run=runs["full"]),
-        "ELR Stage II (kron)": evaluation.load_control_model(run=runs["elr"]),
+        "Uni-ControlNet-style (full)": run_folder.load_control_model(run=runs["full"]),
+        "ELR Stage II (kron)": run_folder.load_control_model(run=runs["elr"]),
     }
     columns, grid = {}, {"data": [s["image"] for s in samples]}
     for kind in CONDITIONS:
@@ -270,7 +273,7 @@ def main(argv=None) -> dict:
               "runs": log, "columns": _strip(columns), "targets": checks}
     _write(stem + ".md", "\n".join(lines) + "\n")
     _write(stem + ".json", json.dumps(result, indent=1, default=float))
-    evaluation.image_grid(grid, cell=96).save(stem + ".png")
+    Image.fromarray(sampling.image_grid(grid, height=96)).save(stem + ".png")
     stem1 = os.path.join(args.out_dir, f"controllability_stage1{suffix}")
     _write(stem1 + ".md", table1)
     _write(stem1 + ".json", json.dumps({"benchmark": "controllability_stage1", "budget": budget, "machine": machine,

@@ -10,7 +10,7 @@
 It generates one image per sample and condition type (that map alone, the others zeroed) with
 ELRControlPipeline, on the synthetic validation split by default (scenes never trained on, with exact
 edge maps and masks) or the first samples of any data set train.py reads (--data, --data-format), and
-measures (exact definitions in elr_training/evaluation.py):
+measures (exact definitions in elr_training/metrics.py):
 
   edge NMSE   Canny(generated, 100/200) vs the condition edge map, both in {0, 1}:
               mean((E_gen - E_cond)^2) / mean(E_cond^2) = (missed + spurious edge pixels) / edge pixels
@@ -41,9 +41,14 @@ except ImportError:  # a checkout built in place but not pip-installed
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from elr_training import evaluation  # noqa: E402
+from elr_training.metrics import measured  # noqa: E402
+from elr_training.models import latent_factor_of, parameter_count  # noqa: E402
+from elr_training.run_folder import load_control_model  # noqa: E402
 from elr_training.run_log import write_json  # noqa: E402
+from elr_training.sampling import image_grid  # noqa: E402
 
 # The paper's Tables 2 and 3, for the table's reference columns.
 PAPER_COLUMNS = {
@@ -103,9 +108,7 @@ def training_resolution(args, model) -> int:
                 resolution = json.load(f).get("config", {}).get("resolution")
             if resolution:
                 return int(resolution)
-    unet = model.components.unet
-    factor = 1 if model.components.vae is None else 2 ** (len(model.components.vae.config.block_out_channels) - 1)
-    return int(unet.config.sample_size) * factor
+    return int(model.components.unet.config.sample_size) * latent_factor_of(model.components)
 
 
 def efficiency_rows(args, adapter_kind: str) -> dict:
@@ -121,9 +124,9 @@ def efficiency_rows(args, adapter_kind: str) -> dict:
     source = f"{args.efficiency_json} arm {arm} ({result['config_description']}, {result['device']})"
     out = {}
     if row.get("peak_memory_bytes") is not None:
-        out["peak_memory"] = evaluation.measured(row["peak_memory_bytes"], source=source)
+        out["peak_memory"] = measured(row["peak_memory_bytes"], source=source)
     if row.get("seconds_per_iteration") is not None:
-        out["seconds_per_iteration"] = evaluation.measured(row["seconds_per_iteration"], source=source)
+        out["seconds_per_iteration"] = measured(row["seconds_per_iteration"], source=source)
     return out
 
 
@@ -133,8 +136,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
 
     # ---------------------------------------------------------------- the model and the data
-    model = evaluation.load_control_model(args.run, args.adapter, args.checkpoint, args.backbone,
-                                          args.condition_types, args.no_control, args.device)
+    model = load_control_model(args.run, args.adapter, args.checkpoint, args.backbone, args.condition_types,
+                               args.no_control, args.device)
     resolution = args.resolution or training_resolution(args, model)
     print(f"model: {model.description}; conditions {model.condition_types}; {resolution} px", flush=True)
     samples = evaluation.evaluation_samples(model.condition_types, args.num_samples, resolution, args.data,
@@ -148,7 +151,7 @@ def main(argv=None) -> dict:
     kind = "none" if model.adapter is None else model.adapter.config.adapter
     if model.adapter is not None:
         counts = model.adapter.parameter_counts()
-        backbone = sum(p.numel() for p in model.components.unet.parameters())
+        backbone = parameter_count(model.components.unet)
         metrics["trainable_params"] = counts["trainable"]
         metrics["total_params"] = counts["total"] + backbone
         metrics["adapter_parameter_counts"] = counts
@@ -173,7 +176,7 @@ def main(argv=None) -> dict:
         columns[f"{t} map"] = [evaluation.map_to_uint8(s["conditions"][evaluation.condition_slice(
             model.condition_types, t)]) for s in samples]
         columns[f"from {t}"] = generated[t]
-    evaluation.image_grid(columns).save(os.path.join(args.output_dir, "grid.png"))
+    Image.fromarray(image_grid(columns)).save(os.path.join(args.output_dir, "grid.png"))
     print(table)
     for key in ("edge_nmse", "edge_f_score", "segmentation_iou", "fid", "clip_score", "sketch_clip_score"):
         m = metrics.get(key)

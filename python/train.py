@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train ELR-Diffusion (paper: ../shared/paper/elr-diffusion.txt, DESIGN.md section 7).
+"""Train ELR-Diffusion (the method: docs/method.md; the application's layout: python/README.md).
 
     python python/train.py --stage 2      # the built-in default: tiny model, synthetic scenes, CPU;
                                           # runs stage 0 (teacher) and stage 1 (student) first
@@ -10,11 +10,9 @@
 
 Stages: 0 trains the tiny teacher (the default only), 1 distils a low-rank student from a frozen
 teacher, 2 trains the local control adapter on the frozen stage-1 backbone. The script reads top to
-bottom: arguments -> configuration -> set-up -> training loop -> validation -> saving. What each
-stage trains and its loss live in elr_training/stages.py; data in elr_training/data/.
-
-A run folder holds: model/ (the trained model), checkpoints/checkpoint-<step>/, logs/ (TensorBoard),
-samples/step-<N>.png and samples.png (the last validation grid), loss_curves.png, metrics.json.
+bottom: arguments -> configuration -> (the default chain) -> per stage: set-up, the loop, finish.
+What each stage trains and its loss live in elr_training/stages/; the loop in elr_training/loop.py;
+data in elr_training/data/; the run folder's layout in elr_training/run_folder.py.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -36,9 +33,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
-from PIL import Image
-from tqdm.auto import tqdm
 
+from elr_training import run_folder
 from elr_training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from elr_training.config import (
     ControlConfig,
@@ -50,9 +46,10 @@ from elr_training.config import (
     to_dict,
 )
 from elr_training.data import ConditionMaker, ConditionSettings, build_training_data, build_validation_set
-from elr_training.models import load_components, tiny_components, unwrap
-from elr_training.run_log import RunLog, environment, plot_curves, write_json
-from elr_training.stages import STAGES, control_verdict, weight_dtype_of
+from elr_training.loop import LoopState, Training, first_batch, fixed_batch_loss, mean_of, train_loop, weights_checksum
+from elr_training.models import load_components, tiny_components, weight_dtype_of
+from elr_training.run_log import RunLog, environment
+from elr_training.stages import STAGES
 
 # Fields of the user's stage-2 command that the stages run before it (the default chain) inherit;
 # everything else (learning rate, steps, validation cadence ...) comes from each stage's own preset.
@@ -145,35 +142,102 @@ def train(config, sources) -> dict:
 
     result = run_stage(config, sources, accelerator)
     if accelerator.is_main_process and earlier:
-        summarise_chain(config.output_dir, earlier, result, time.perf_counter() - started)
+        wall_time = time.perf_counter() - started
+        run_folder.summarise_chain(config.output_dir, earlier, result, wall_time)
+        print(f"all three stages done in {wall_time:.0f} s; run folder {config.output_dir}")
+        print(result["control_verdict"])
     accelerator.end_training()
     return result
 
 
 def run_stage(config, sources, accelerator) -> dict:
     """Trains one stage; returns its metrics (also written to <output_dir>/metrics.json)."""
-    say = accelerator.print
-    say(describe(config, sources))  # every value and where it came from
+    accelerator.print(describe(config, sources))  # every value and where it came from
     os.makedirs(config.output_dir, exist_ok=True)
     started = time.perf_counter()
+    run, validation_samples = set_up(config, accelerator)
+    log = RunLog(config.output_dir, enabled=accelerator.is_main_process)
+    state = resume(config, run, log, accelerator)
+    if accelerator.is_main_process:
+        log.text("config", describe(config, sources))
 
-    # ---------------------------------------------------------------- set-up: models
+    # A fixed batch whose loss is measured before and after training (same noise and timesteps).
+    fixed_batch = first_batch(run.data, state.epoch)
+    loss_before = fixed_batch_loss(run.stage, run.model, fixed_batch, config.seed)
+    validated = {}  # step -> validation metrics
+
+    def save(state):
+        path = save_checkpoint(accelerator, run_folder.checkpoints_dir(config.output_dir), state.global_step,
+                               run.model, run.stage.trained_names(), run.optimizer, run.lr_scheduler,
+                               state.to_checkpoint(log.history), config.checkpoints_total_limit)
+        accelerator.print(f"saved {path}")
+
+    def validate_at(step):
+        validated[step] = validate(run.stage, validation_samples, step, log, config, accelerator)
+
+    step_times = train_loop(run, state, accelerator, log, save, validate_at, f"stage {config.stage}")
+    if state.global_step not in validated:
+        validate_at(state.global_step)
+    loss_after = fixed_batch_loss(run.stage, run.model, fixed_batch, config.seed)
+    return finish(config, run, state, log, accelerator, validated[state.global_step], step_times,
+                  {"wall_time_s": time.perf_counter() - started, "fixed_batch_loss_before": loss_before,
+                   "fixed_batch_loss_after": loss_after})
+
+
+def set_up(config, accelerator):
+    """The stage with its models, the data, the optimiser and schedule, prepared by accelerate."""
+    say = accelerator.print
     set_seed(config.seed)  # new layers' initial weights (the adapter's) are a function of the seed
     components = load_stage_components(config, say)
-    device = accelerator.device
+    stage = STAGES[config.stage](config, components, accelerator.device, say)
+    model = place_models(config, stage, components, accelerator.device)
+    named = dict(model.named_parameters())
+    params = [named[n] for n in stage.trained_names()]
+    say(f"trained parameters: {sum(p.numel() for p in params):,} in {len(params)} tensors")
+
+    condition_maker = None
+    if isinstance(config, ControlConfig):
+        condition_maker = ConditionMaker(config.condition_types, ConditionSettings(
+            canny_low_threshold=config.canny_low_threshold, canny_high_threshold=config.canny_high_threshold,
+            xdog_sigma=config.xdog_sigma, segmentation_model=config.segmentation_model))
+    data = build_training_data(config, condition_maker, accelerator.process_index, accelerator.num_processes)
+    validation_samples = build_validation_set(config, condition_maker) if accelerator.is_main_process else []
+    updates_per_epoch = (math.ceil(data.batches_per_epoch / config.gradient_accumulation_steps)
+                         if data.batches_per_epoch else None)
+    max_steps = config.max_train_steps or (updates_per_epoch * config.num_train_epochs if updates_per_epoch else None)
+    say(f"data: {data.format}, {data.batches_per_epoch or 'unknown (streamed)'} batches of "
+        f"{config.train_batch_size} per process and epoch, {accelerator.num_processes} process(es); "
+        f"{max_steps or 'all'} optimiser steps")
+
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    if max_steps is None and config.lr_scheduler not in ("constant", "constant_with_warmup"):
+        raise ValueError(f"--lr-scheduler {config.lr_scheduler} needs a known length: give --max-train-steps "
+                         f"(streamed shards have no length)")
+    # Stepped once per optimiser step by the loop (not prepared): its state is the step count.
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                 num_training_steps=max_steps)
+    if accelerator.distributed_type.value == "DEEPSPEED":  # the data loader is ours, not accelerate's
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if config.compile:
+        model = torch.compile(model)
+        stage.compile_frozen()
+    run = Training(stage, model, params, optimizer, lr_scheduler, data, max_steps, config.num_train_epochs,
+                   config.max_grad_norm, config.seed, config.logging_steps, config.checkpointing_steps,
+                   config.validation_steps)
+    return run, validation_samples
+
+
+def place_models(config, stage, components, device):
+    """Every model on the device; the frozen ones (text encoder, VAE, teacher, backbone) in eval mode and
+    the run's low precision, what trains in fp32 (master weights). Returns the trained module."""
     weight_dtype = weight_dtype_of(config.mixed_precision)
     components.text_encoder.requires_grad_(False).eval()
     if components.vae is not None:
         components.vae.requires_grad_(False).eval()
-    stage = STAGES[config.stage](config, components, device, say)
     model = stage.trained_module()
-    # Frozen UNets (teacher, backbone) in the low precision; what trains stays fp32 (master weights).
-    for frozen in (
-        components.text_encoder,
-        components.vae,
-        getattr(stage, "teacher", None),
-        getattr(stage, "unet", None),
-    ):
+    for frozen in [components.text_encoder, components.vae, *stage.frozen_modules()]:
         if frozen is not None and frozen is not model:
             frozen.to(device)
             if weight_dtype != torch.float32:
@@ -181,238 +245,72 @@ def run_stage(config, sources, accelerator) -> dict:
     model.to(device)
     if config.gradient_checkpointing:
         stage.enable_gradient_checkpointing()
-    trained_names = stage.trained_names()
-    named = dict(model.named_parameters())
-    params = [named[n] for n in trained_names]
-    say(f"trained parameters: {sum(p.numel() for p in params):,} in {len(params)} tensors")
+    return model
 
-    # ---------------------------------------------------------------- set-up: data
-    condition_maker = None
-    if isinstance(config, ControlConfig):
-        condition_maker = ConditionMaker(
-            config.condition_types,
-            ConditionSettings(
-                canny_low_threshold=config.canny_low_threshold,
-                canny_high_threshold=config.canny_high_threshold,
-                xdog_sigma=config.xdog_sigma,
-                segmentation_model=config.segmentation_model,
-            ),
-        )
-    data = build_training_data(config, condition_maker, accelerator.process_index, accelerator.num_processes)
-    validation_samples = build_validation_set(config, condition_maker) if accelerator.is_main_process else []
-    updates_per_epoch = (
-        math.ceil(data.batches_per_epoch / config.gradient_accumulation_steps)
-        if data.batches_per_epoch
-        else None
-    )
-    max_steps = config.max_train_steps or (
-        updates_per_epoch * config.num_train_epochs if updates_per_epoch else None
-    )
-    say(
-        f"data: {data.format}, {data.batches_per_epoch or 'unknown (streamed)'} batches of "
-        f"{config.train_batch_size} per process and epoch, {accelerator.num_processes} process(es); "
-        f"{max_steps or 'all'} optimiser steps"
-    )
 
-    # ---------------------------------------------------------------- set-up: optimiser, schedule, accelerate
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-    if max_steps is None and config.lr_scheduler not in ("constant", "constant_with_warmup"):
-        raise ValueError(
-            f"--lr-scheduler {config.lr_scheduler} needs a known length: give --max-train-steps "
-            f"(streamed shards have no length)"
-        )
-    # Stepped once per optimiser step by this script (not prepared): its state is the step count.
-    lr_scheduler = get_scheduler(
-        config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=max_steps
-    )
-    if accelerator.distributed_type.value == "DEEPSPEED":  # the data loader is ours, not accelerate's
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
-            config.train_batch_size
-        )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if config.compile:
-        model = torch.compile(model)
-        for frozen in ("teacher", "unet"):
-            if getattr(stage, frozen, None) is not None and getattr(stage, frozen) is not unwrap(model):
-                setattr(stage, frozen, torch.compile(getattr(stage, frozen)))
+def resume(config, run, log, accelerator) -> LoopState:
+    """The loop's position: fresh, or restored with the weights, optimiser and schedule from a checkpoint."""
+    if not config.resume_from_checkpoint:
+        return LoopState()
+    checkpoints = run_folder.checkpoints_dir(config.output_dir)
+    path = find_checkpoint(config.resume_from_checkpoint, checkpoints, accelerator.print)
+    if path is None:
+        accelerator.print(f"--resume-from-checkpoint latest: no checkpoint in {checkpoints} yet, starting fresh")
+        return LoopState()
+    state = LoopState.from_checkpoint(load_checkpoint(accelerator, path, run.model, run.optimizer, run.lr_scheduler))
+    for name, points in state.history.items():
+        log.history[name] = [tuple(p) for p in points]
+    accelerator.print(f"resumed from {path}: step {state.global_step}, epoch {state.epoch}, "
+                      f"batch {state.batch_in_epoch} of the epoch")
+    return state
 
-    # ---------------------------------------------------------------- resume
-    log = RunLog(config.output_dir, enabled=accelerator.is_main_process)
-    checkpoints_dir = os.path.join(config.output_dir, "checkpoints")
-    global_step, epoch, batch_in_epoch, micro_step = 0, 0, 0, 0
-    skipped = {"image": 0, "shard": 0}
-    history = {}
-    if config.resume_from_checkpoint:
-        path = find_checkpoint(config.resume_from_checkpoint, checkpoints_dir, say)
-        if path is None:
-            say(f"--resume-from-checkpoint latest: no checkpoint in {checkpoints_dir} yet, starting fresh")
-        else:
-            state = load_checkpoint(accelerator, path, model, optimizer, lr_scheduler)
-            global_step, epoch, batch_in_epoch = state["global_step"], state["epoch"], state["batch_in_epoch"]
-            micro_step, skipped, history = state["micro_step"], state["skipped"], state.get("history", {})
-            for name, points in history.items():
-                log.history[name] = [tuple(p) for p in points]
-            say(
-                f"resumed from {path}: step {global_step}, epoch {epoch}, batch {batch_in_epoch} of the epoch"
-            )
-    if accelerator.is_main_process:
-        log.text("config", describe(config, sources))
 
-    # A fixed batch whose loss is measured before and after training (same noise and timesteps).
-    fixed_batch = first_batch(data, epoch)
-    loss_before = fixed_batch_loss(stage, model, fixed_batch, config.seed)
-
-    # ---------------------------------------------------------------- training loop
-    def checkpoint_state():
-        return {
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "micro_step": micro_step,
-            "skipped": skipped,
-            "history": {k: list(v) for k, v in log.history.items()},
-        }
-
-    progress = tqdm(
-        total=max_steps,
-        initial=global_step,
-        desc=f"stage {config.stage}",
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
-    validation_metrics, last_grid, validated_at = {}, None, None
-    step_times = []
-    done = max_steps is not None and global_step >= max_steps
-    while not done:
-        data.start_epoch(epoch, batch_in_epoch)
-        tick = time.perf_counter()
-        for batch in data.loader:
-            batch_in_epoch += 1
-            for marker in batch["skipped"]:
-                skipped[marker.kind] += 1
-                say(f"skipped {marker.kind} {marker.where}: {marker.reason}")
-            # Every draw of this micro-batch comes from a generator seeded by (seed, micro-step, process).
-            generator = torch.Generator().manual_seed(
-                hash_seed(config.seed, micro_step, accelerator.process_index)
-            )
-            micro_step += 1
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    if batch["n"] > 0:
-                        loss, logs = stage.loss(model, batch, generator)
-                    else:  # every sample unreadable: a zero loss keeps the processes' steps in line
-                        loss, logs = sum((p * 0).sum() for p in params), {"loss": float("nan")}
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-
-            # ---- one optimiser step done
-            lr_scheduler.step()
-            global_step += 1
-            step_times.append(time.perf_counter() - tick)
-            tick = time.perf_counter()
-            lr = lr_scheduler.get_last_lr()[0]
-            progress.update(1)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{lr:.2e}", s_per_it=f"{step_times[-1]:.2f}")
-            if global_step % config.logging_steps == 0:
-                log.scalars(
-                    {f"train/{k}": v for k, v in logs.items()}
-                    | {"train/lr": lr, "train/s_per_it": step_times[-1]},
-                    global_step,
-                )
-
-            done = max_steps is not None and global_step >= max_steps
-            if config.checkpointing_steps and (global_step % config.checkpointing_steps == 0 or done):
-                path = save_checkpoint(
-                    accelerator,
-                    checkpoints_dir,
-                    global_step,
-                    model,
-                    trained_names,
-                    optimizer,
-                    lr_scheduler,
-                    checkpoint_state(),
-                    config.checkpoints_total_limit,
-                )
-                say(f"saved {path}")
-            if config.validation_steps and (global_step % config.validation_steps == 0 or done):
-                last_grid, validation_metrics = validate(
-                    stage, validation_samples, global_step, log, config, accelerator
-                )
-                validated_at = global_step
-            if done:
-                break
-        else:  # the epoch ran out
-            epoch, batch_in_epoch = epoch + 1, 0
-            if max_steps is None and epoch >= config.num_train_epochs:
-                done = True
-    progress.close()
-
-    # ---------------------------------------------------------------- final validation and saving
-    if validated_at != global_step:
-        last_grid, validation_metrics = validate(
-            stage, validation_samples, global_step, log, config, accelerator
-        )
-    loss_after = fixed_batch_loss(stage, model, fixed_batch, config.seed)
-    totals = accelerator.reduce(torch.tensor([skipped["image"], skipped["shard"]], device=device), "sum")
+def finish(config, run, state, log, accelerator, validation_metrics, step_times, numbers) -> dict:
+    """Save the model, check that every process ends with the same weights, write metrics.json."""
+    say = accelerator.print
+    device = accelerator.device
+    totals = accelerator.reduce(torch.tensor([state.skipped["image"], state.skipped["shard"]], device=device), "sum")
     # Every process must end with the same weights (DDP averages gradients): compare checksums.
-    checksums = accelerator.gather(weights_checksum(params).to(device)[None]).cpu().tolist()
+    checksums = accelerator.gather(weights_checksum(run.params).to(device)[None]).cpu().tolist()
     if len({tuple(c) for c in checksums}) > 1:
         say(f"WARNING: the processes' weights differ: checksums {checksums}")
-    model_dir = os.path.join(config.output_dir, "model")
+    model_dir = run_folder.model_dir(config.output_dir)
     if accelerator.is_main_process:
-        stage.save(model_dir)
+        run.stage.save(model_dir)
         say(f"saved the trained model to {model_dir}")
     accelerator.wait_for_everyone()
 
     metrics = {
         "stage": config.stage,
-        "global_step": global_step,
-        "wall_time_s": time.perf_counter() - started,
+        "global_step": state.global_step,
+        "wall_time_s": numbers["wall_time_s"],
         "s_per_it_median": float(np.median(step_times)) if step_times else None,
-        "fixed_batch_loss_before": loss_before,
-        "fixed_batch_loss_after": loss_after,
+        "fixed_batch_loss_before": numbers["fixed_batch_loss_before"],
+        "fixed_batch_loss_after": numbers["fixed_batch_loss_after"],
         "train_loss_first10": mean_of(log.history.get("train/loss", [])[:10]),
         "train_loss_last10": mean_of(log.history.get("train/loss", [])[-10:]),
         "skipped_images": int(totals[0]),
         "skipped_shards": int(totals[1]),
-        "trained_parameters": sum(p.numel() for p in params),
+        "trained_parameters": sum(p.numel() for p in run.params),
         "weights_checksum_per_process": checksums,
         **{k.replace("val/", "validation_"): v for k, v in validation_metrics.items()},
         "model_dir": model_dir,
+        **run.stage.report(validation_metrics),
         "environment": environment(),
         "config": to_dict(config),
     }
-    if hasattr(stage, "parameter_counts"):
-        metrics["adapter_parameters"] = stage.parameter_counts
-    if config.stage == 2:
-        metrics["control_verdict"] = control_verdict(validation_metrics)
-    if hasattr(stage, "report_dict"):
-        metrics["decomposition"] = stage.report_dict()
     if accelerator.is_main_process:
         log.save_loss_curves()
-        write_json(os.path.join(config.output_dir, "metrics.json"), metrics)
+        run_folder.write_metrics(config.output_dir, metrics)
         log.close()
         metrics["loss_history"] = {k: v for k, v in log.history.items() if k.startswith("train/loss")}
-        say(
-            f"stage {config.stage} done in {metrics['wall_time_s']:.0f} s: loss on a fixed batch "
-            f"{loss_before:.4f} -> {loss_after:.4f}; {summary_line(validation_metrics)}"
-        )
-        say(
-            f"run folder {config.output_dir}: model/, checkpoints/, logs/, samples.png, loss_curves.png, "
-            "metrics.json"
-        )
-        if config.stage == 2:
-            say(metrics["control_verdict"])
+        say(f"stage {config.stage} done in {metrics['wall_time_s']:.0f} s: loss on a fixed batch "
+            f"{metrics['fixed_batch_loss_before']:.4f} -> {metrics['fixed_batch_loss_after']:.4f}; "
+            f"{summary_line(validation_metrics)}")
+        say(run_folder.describe(config.output_dir))
+        verdict = run.stage.verdict(validation_metrics)
+        if verdict:
+            say(verdict)
     return metrics
 
 
@@ -449,81 +347,24 @@ def load_stage_components(config, say):
     return load_components(config.pretrained, "--pretrained", require_vae=True)
 
 
-def validate(stage, samples, step, log, config, accelerator):
-    """Validation grid and metrics on the main process; the others wait."""
-    grid, metrics = None, {}
+def validate(stage, samples, step, log, config, accelerator) -> dict:
+    """The validation grid and metrics on the main process (the others wait); returns the metrics."""
+    metrics = {}
     if accelerator.is_main_process:
         with accelerator.autocast():  # frozen parts in the low precision, trained ones in fp32
             grid, metrics = stage.validate(samples, step)
-        folder = os.path.join(config.output_dir, "samples")
-        os.makedirs(folder, exist_ok=True)
-        Image.fromarray(grid).save(os.path.join(folder, f"step-{step}.png"))
-        shutil.copyfile(
-            os.path.join(folder, f"step-{step}.png"), os.path.join(config.output_dir, "samples.png")
-        )
+        run_folder.save_validation_grid(config.output_dir, grid, step)
         log.image("validation/grid", grid, step)
         log.scalars(metrics, step)
         log.flush()
         accelerator.print(f"validation at step {step}: {summary_line(metrics)}")
     accelerator.wait_for_everyone()
-    return grid, metrics
-
-
-def first_batch(data, epoch):
-    """The first readable batch of the epoch (for the before/after loss)."""
-    data.start_epoch(epoch, 0)
-    for batch in data.loader:
-        if batch["n"] > 0:
-            return batch
-    raise RuntimeError("no readable sample in the training data")
-
-
-def fixed_batch_loss(stage, model, batch, seed: int) -> float:
-    generator = torch.Generator().manual_seed(seed + 12345)
-    with torch.no_grad():
-        loss, _ = stage.loss(model, batch, generator)
-    return float(loss)
-
-
-def weights_checksum(params) -> torch.Tensor:
-    """(sum, sum of squares, sum of |x| * position) of all trained values in float64: equal weights give
-    equal checksums, and a difference anywhere changes them."""
-    with torch.no_grad():
-        flat = torch.cat([p.detach().double().flatten().cpu() for p in params])
-        position = torch.arange(flat.numel(), dtype=torch.float64) / flat.numel()
-        return torch.stack([flat.sum(), (flat * flat).sum(), (flat.abs() * position).sum()])
-
-
-def hash_seed(seed: int, step: int, rank: int) -> int:
-    """Independent streams per (seed, micro-step, process) from numpy's SeedSequence."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0] % (2**63))
-
-
-def mean_of(points) -> float | None:
-    values = [v for _, v in points if not math.isnan(v)]
-    return float(np.mean(values)) if values else None
+    return metrics
 
 
 def summary_line(metrics: dict) -> str:
-    return ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items()) or "no validation metrics"
-
-
-def summarise_chain(output_dir: str, earlier: dict, final: dict, wall_time: float) -> None:
-    """The chained default's run folder also gets the metrics and loss curves of all three stages."""
-    curves = {
-        f"{name} train/loss": metrics["loss_history"].get("train/loss", [])
-        for name, metrics in list(earlier.items()) + [("stage2", final)]
-    }
-    plot_curves(curves, os.path.join(output_dir, "loss_curves.png"), title="stages 0, 1, 2")
-    drop = ("config", "loss_history")
-    metrics = {
-        **{k: v for k, v in final.items() if k != "loss_history"},
-        "wall_time_all_stages_s": wall_time,
-        "earlier_stages": {k: {m: v for m, v in e.items() if m not in drop} for k, e in earlier.items()},
-    }
-    write_json(os.path.join(output_dir, "metrics.json"), metrics)
-    print(f"all three stages done in {wall_time:.0f} s; run folder {output_dir}")
-    print(final["control_verdict"])
+    return ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items() if v is not None) or \
+        "no validation metrics"
 
 
 if __name__ == "__main__":

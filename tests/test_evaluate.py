@@ -17,7 +17,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 
-from elr_training import evaluation  # noqa: E402
+from elr_training import evaluation, metrics  # noqa: E402
 from elr_training.data.synthetic import SyntheticScenes  # noqa: E402
 from elr_training.data.conditions import canny_map  # noqa: E402
 
@@ -35,17 +35,17 @@ def test_edge_nmse_zero_on_identical_edges_positive_when_shifted():
     scenes = _scenes()
     images = [s["image"] for s in scenes]
     edges = [canny_map(im)[0] for im in images]
-    same = evaluation.mean_edge_nmse(images, edges)
+    same = metrics.mean_edge_nmse(images, edges)
     assert same["available"] and same["value"] == 0.0 and same["num_samples"] == len(images)
-    shifted = evaluation.mean_edge_nmse([np.roll(im, 3, axis=1) for im in images], edges)
+    shifted = metrics.mean_edge_nmse([np.roll(im, 3, axis=1) for im in images], edges)
     assert shifted["value"] > 0.1
-    blank = evaluation.mean_edge_nmse([np.full_like(im, 128) for im in images], edges)
+    blank = metrics.mean_edge_nmse([np.full_like(im, 128) for im in images], edges)
     assert blank["value"] == pytest.approx(1.0)  # no edges at all: every condition edge missed
 
 
 def test_edge_nmse_unavailable_without_condition_edges():
     image = np.zeros((32, 32, 3), np.uint8)
-    res = evaluation.mean_edge_nmse([image], [np.zeros((32, 32), np.uint8)])
+    res = metrics.mean_edge_nmse([image], [np.zeros((32, 32), np.uint8)])
     assert not res["available"] and res["value"] is None and "edge" in res["reason"]
 
 
@@ -53,15 +53,15 @@ def test_edge_f_score_forgives_a_one_pixel_shift_that_nmse_counts():
     scenes = _scenes()
     images = [s["image"] for s in scenes]
     edges = [canny_map(im)[0] for im in images]
-    same = evaluation.mean_edge_f_score(images, edges)
+    same = metrics.mean_edge_f_score(images, edges)
     assert same["available"] and same["value"] == 1.0 and same["max_distance_px"] == 1.5
     one = [np.roll(im, 1, axis=1) for im in images]
     # NMSE counts the shifted outline twice; F matches every pixel within 1.5 px (but the rolled-in column)
-    assert evaluation.mean_edge_nmse(one, edges)["value"] > 0.5
-    assert evaluation.mean_edge_f_score(one, edges)["value"] > 0.9
-    far = evaluation.mean_edge_f_score([np.roll(im, 4, axis=1) for im in images], edges)["value"]
+    assert metrics.mean_edge_nmse(one, edges)["value"] > 0.5
+    assert metrics.mean_edge_f_score(one, edges)["value"] > 0.9
+    far = metrics.mean_edge_f_score([np.roll(im, 4, axis=1) for im in images], edges)["value"]
     assert far < 0.5
-    blank = evaluation.mean_edge_f_score([np.full_like(im, 128) for im in images], edges)
+    blank = metrics.mean_edge_f_score([np.full_like(im, 128) for im in images], edges)
     assert blank["value"] == 0.0  # no generated edges: recall 0
 
 
@@ -99,13 +99,13 @@ def test_edge_f_score_matching_is_one_to_one_and_maximum():
 
 def test_segmentation_iou_one_on_the_data_lower_when_shifted():
     scenes = _scenes()
-    pairs = [evaluation.segment_like_reference(s["image"], s["image"], s["mask"]) for s in scenes]
-    res = evaluation.mean_segmentation_iou([p for p, _ in pairs], [t for _, t in pairs], 5)
+    pairs = [metrics.segment_like_reference(s["image"], s["image"], s["mask"]) for s in scenes]
+    res = metrics.mean_segmentation_iou([p for p, _ in pairs], [t for _, t in pairs], 5)
     # not exactly 1: anti-aliased shape edges and classes of near colours can take a neighbour's class
     assert res["available"] and res["value"] > 0.9
     same = res["value"]
-    pairs = [evaluation.segment_like_reference(np.roll(s["image"], 4, axis=0), s["image"], s["mask"]) for s in scenes]
-    res = evaluation.mean_segmentation_iou([p for p, _ in pairs], [t for _, t in pairs], 5)
+    pairs = [metrics.segment_like_reference(np.roll(s["image"], 4, axis=0), s["image"], s["mask"]) for s in scenes]
+    res = metrics.mean_segmentation_iou([p for p, _ in pairs], [t for _, t in pairs], 5)
     assert 0.0 < res["value"] < same
 
 
@@ -114,14 +114,14 @@ def test_segment_like_reference_merges_classes_of_one_colour():
     mask = np.zeros((8, 8), np.int64)
     image[:4, :4] = image[4:, 4:] = (200, 0, 0)  # two shapes of different classes, same colour
     mask[:4, :4], mask[4:, 4:] = 1, 2
-    pred, true = evaluation.segment_like_reference(image, image, mask)
+    pred, true = metrics.segment_like_reference(image, image, mask)
     assert set(np.unique(true)) == {0, 1} and np.array_equal(pred, true)
 
 
 def test_palette_segmentation_nearest_colour():
     palette = np.array([(0, 0, 0), (255, 0, 0), (0, 0, 255)])
     image = np.array([[(10, 5, 0), (240, 20, 10)], [(0, 30, 200), (130, 0, 0)]], np.uint8)
-    assert evaluation.palette_segmentation(image, palette).tolist() == [[0, 1], [2, 1]]
+    assert metrics.palette_segmentation(image, palette).tolist() == [[0, 1], [2, 1]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,13 +130,13 @@ def test_palette_segmentation_nearest_colour():
 
 def test_fid_and_clip_unavailable_without_weights(tmp_path):
     images = [s["image"] for s in _scenes(3)]
-    for res in (evaluation.frechet_inception_distance(images, images, None),
-                evaluation.frechet_inception_distance(images, images, str(tmp_path / "missing.pth")),
-                evaluation.clip_score(images, ["a red circle"] * 3, None),
-                evaluation.clip_score(images, ["a red circle"] * 3, str(tmp_path / "no-clip"))):
+    for res in (metrics.frechet_inception_distance(images, images, None),
+                metrics.frechet_inception_distance(images, images, str(tmp_path / "missing.pth")),
+                metrics.clip_score(images, ["a red circle"] * 3, None),
+                metrics.clip_score(images, ["a red circle"] * 3, str(tmp_path / "no-clip"))):
         assert res["available"] is False and res["value"] is None and res["reason"]
-    assert "Inception" in evaluation.frechet_inception_distance(images, images, None)["reason"]
-    assert evaluation.format_value(evaluation.unavailable("x")) == "n/a"
+    assert "Inception" in metrics.frechet_inception_distance(images, images, None)["reason"]
+    assert evaluation.format_value(metrics.unavailable("x")) == "n/a"
 
 
 def test_clip_score_with_a_local_folder(tmp_path):
@@ -159,10 +159,10 @@ def test_clip_score_with_a_local_folder(tmp_path):
     CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
     scenes = _scenes(3)
     images = [s["image"] for s in scenes]
-    res = evaluation.clip_score(images, [s["caption"] for s in scenes], folder)
+    res = metrics.clip_score(images, [s["caption"] for s in scenes], folder)
     assert res["available"] and 0.0 <= res["value"] <= 1.0 and res["against"] == "prompt"
     assert res["clip_s_hessel"] == pytest.approx(2.5 * res["value"])
-    sketch = evaluation.clip_score(images, images, folder)  # an image against itself: cosine 1
+    sketch = metrics.clip_score(images, images, folder)  # an image against itself: cosine 1
     assert sketch["against"] == "image" and sketch["value"] == pytest.approx(1.0, abs=1e-4)
 
 
@@ -171,10 +171,10 @@ def test_clip_score_with_a_local_folder(tmp_path):
 
 
 def test_table2_layout_and_delta():
-    columns = {"Uni-ControlNet": {"trainable_params": 1000, "edge_nmse": evaluation.measured(0.6),
-                                  "fid": evaluation.unavailable("no weights")},
-               "ELR": {"trainable_params": 400, "edge_nmse": evaluation.measured(0.5),
-                       "fid": evaluation.unavailable("no weights")}}
+    columns = {"Uni-ControlNet": {"trainable_params": 1000, "edge_nmse": metrics.measured(0.6),
+                                  "fid": metrics.unavailable("no weights")},
+               "ELR": {"trainable_params": 400, "edge_nmse": metrics.measured(0.5),
+                       "fid": metrics.unavailable("no weights")}}
     table = evaluation.table2_markdown(columns, delta=("Uni-ControlNet", "ELR"))
     lines = table.strip().splitlines()
     assert lines[0].startswith("|  | Metric | Uni-ControlNet | ELR | Δ")
@@ -253,7 +253,8 @@ def test_evaluate_run_and_checkpoint(stage2_run, tmp_path):
     from PIL import Image
 
     grid = Image.open(tmp_path / "run" / "grid.png")
-    assert grid.size[0] == 5 * 128  # data, canny map, from canny, seg map, from seg
+    # data, canny map, from canny, seg map, from seg: five 32-px images scaled to 128 px, 2 px apart
+    assert grid.size[0] == 5 * 128 + 6 * 2
     # The last checkpoint holds the final weights: evaluated from it, the same numbers.
     checkpoint = stage2_run / "checkpoints" / "checkpoint-1"
     again = evaluate.main(["--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "ckpt")] + common)
@@ -267,7 +268,7 @@ def test_controllability_verdicts():
     import controllability
 
     def column(nmse, iou):
-        return {"edge_nmse": evaluation.measured(nmse), "segmentation_iou": evaluation.measured(iou)}
+        return {"edge_nmse": metrics.measured(nmse), "segmentation_iou": metrics.measured(iou)}
 
     names = ("no control", "Uni-ControlNet-style (full)", "ELR Stage II (kron)")
     good = controllability.verdicts(dict(zip(names, (column(1.0, 0.3), column(0.5, 0.7), column(0.54, 0.66)))))
@@ -276,6 +277,6 @@ def test_controllability_verdicts():
     assert not worse["edge_nmse"]["within_10pct_of_baseline"] and not worse["segmentation_iou"]["met"]
     useless = controllability.verdicts(dict(zip(names, (column(1.0, 0.3), column(0.95, 0.32), column(0.96, 0.31)))))
     assert useless["edge_nmse"]["within_10pct_of_baseline"] and not useless["edge_nmse"]["met"]
-    missing = controllability.verdicts({n: {"edge_nmse": evaluation.unavailable("x"),
-                                            "segmentation_iou": evaluation.unavailable("x")} for n in names})
+    missing = controllability.verdicts({n: {"edge_nmse": metrics.unavailable("x"),
+                                            "segmentation_iou": metrics.unavailable("x")} for n in names})
     assert missing["edge_nmse"]["met"] is None

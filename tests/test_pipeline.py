@@ -86,6 +86,37 @@ def test_zero_init_pipeline_equals_the_backbone_alone():
     assert torch.equal(ours_images, backbone_images)
 
 
+def test_without_an_adapter_the_pipeline_is_the_backbone_alone():
+    """adapter=None (a Stage I student, or the "no control" arm): the same images as diffusers'
+    StableDiffusionPipeline on the backbone, and as an untrained adapter (zero residuals) gives;
+    a condition given to it, or none given to a pipeline with an adapter, is an error naming it."""
+    torch.manual_seed(0)
+    vae = tiny.tiny_vae()
+    unet = tiny.tiny_unet(in_channels=4, out_channels=4, sample_size=16)
+    text_encoder, tokenizer = tiny.tiny_text_encoder(), tiny.tiny_tokenizer()
+    scheduler = DDIMScheduler.from_config(ddim().config, steps_offset=1)
+    alone = ELRControlPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, adapter=None,
+                               scheduler=scheduler)
+    backbone = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    latents = torch.randn(2, 4, 16, 16)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=5.0, output_type="pt", latents=latents)
+    images = alone(PROMPTS, **kw).images  # the size from the UNet's sample_size x the VAE's factor
+    assert images.shape == (2, 3, 32, 32)
+    assert torch.equal(images, backbone(PROMPTS, height=32, width=32, **kw).images)
+    adapter = LocalControlAdapter.from_unet(unet, condition_channels=[1, 3], latent_factor=2)
+    controlled = ELRControlPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                    adapter=adapter, scheduler=scheduler)
+    assert torch.equal(images, controlled(PROMPTS, conditions(), **kw).images)
+    with pytest.raises(ValueError, match="condition was given but the pipeline has no adapter"):
+        alone(PROMPTS, conditions(), **kw)
+    with pytest.raises(ValueError, match="condition is required"):
+        controlled(PROMPTS, **kw)
+    with pytest.raises(ValueError, match="not a multiple of 8"):  # latent factor 2 x downsampling 4
+        alone(PROMPTS, num_inference_steps=STEPS, height=30, width=32)
+
+
 @pytest.mark.parametrize("scheduler", [DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler])
 def test_schedulers_and_determinism(parts, scheduler):
     config = ddim().config

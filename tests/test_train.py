@@ -314,7 +314,7 @@ def test_the_default_chain_gives_the_same_numbers_twice(tmp_path):
 
 
 def test_control_verdict_in_words():
-    from elr_training.stages import control_verdict
+    from elr_training.metrics import control_verdict
 
     helped = control_verdict({"validation_edge_nmse_control": 1.0, "validation_edge_nmse_no_control": 2.0,
                               "validation_edge_f_score_control": 0.5, "validation_edge_f_score_no_control": 0.25})

@@ -7,7 +7,8 @@ section 2.4): the frozen backbone UNet takes the LocalControlAdapter's residuals
     pipe.save_pretrained(folder); ELRControlPipeline.from_pretrained(folder)
 
 vae=None: the model works in pixel space (the tiny built-in configuration); with a VAE the adapter's
-latent_factor must be the VAE's downsampling factor.
+latent_factor must be the VAE's downsampling factor. adapter=None samples the backbone alone (plain
+text-to-image, e.g. to compare with and without control, or to look at a Stage I student).
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..nn.control_adapter import LocalControlAdapter
+
+
+def vae_downsampling(vae) -> int:
+    """The image-to-latent factor of a diffusers AutoencoderKL (8 for Stable Diffusion); 1 without a VAE
+    (pixel space)."""
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def unet_downsampling(unet) -> int:
+    """The UNet's total downsampling: 2 per down block that has a downsampler. Image sizes must be
+    multiples of this times the latent factor."""
+    return 2 ** sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+
 
 def condition_to_tensor(condition) -> torch.Tensor:
     """One condition map as a float tensor [N, C, H, W] with values in [0, 1]: a tensor [C, H, W] or
@@ -58,15 +72,16 @@ class ELRControlPipeline(DiffusionPipeline):
 
     Components: vae (optional; None = pixel space), text_encoder (transformers CLIPTextModel),
     tokenizer (CLIPTokenizer), unet (the frozen backbone UNet2DConditionModel), adapter
-    (elr_ext.nn.LocalControlAdapter), scheduler (any diffusers scheduler)."""
+    (elr_ext.nn.LocalControlAdapter; optional: None samples the backbone alone and takes no
+    condition), scheduler (any diffusers scheduler)."""
 
     model_cpu_offload_seq = "text_encoder->adapter->unet->vae"
-    _optional_components = ["vae"]
+    _optional_components = ["vae", "adapter"]
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, adapter: LocalControlAdapter, scheduler):
+    def __init__(self, vae, text_encoder, tokenizer, unet, adapter: Optional[LocalControlAdapter], scheduler):
         super().__init__()
-        factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
-        if adapter.config.latent_factor != factor:
+        factor = vae_downsampling(vae)
+        if adapter is not None and adapter.config.latent_factor != factor:
             where = "pixel space (vae=None)" if vae is None else "the VAE's downsampling"
             raise ValueError(f"adapter.config.latent_factor={adapter.config.latent_factor} but {where} gives {factor}")
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, adapter=adapter,
@@ -110,6 +125,32 @@ class ELRControlPipeline(DiffusionPipeline):
             prepared.append(c.repeat_interleave(num_images_per_prompt, dim=0))
         return prepared if isinstance(condition, (list, tuple)) else prepared[0]
 
+    def prepare_control(self, condition, height, width, batch: int, num_images_per_prompt: int, device, dtype,
+                        guidance: bool):
+        """(condition for both guidance branches or None, height, width): the condition is required with an
+        adapter and refused without one; the size defaults to the condition's (or the UNet's sample size)
+        and must fit the latent factor times the UNet's downsampling."""
+        if self.adapter is None:
+            if condition is not None:
+                raise ValueError("condition was given but the pipeline has no adapter (adapter=None) to take it")
+            height = height or self.unet.config.sample_size * self.latent_factor
+            width = width or self.unet.config.sample_size * self.latent_factor
+        else:
+            if condition is None:
+                raise ValueError("condition is required: the pipeline's adapter takes condition maps")
+            condition = self.prepare_condition(condition, batch, num_images_per_prompt, device, dtype)
+            first = condition[0] if isinstance(condition, list) else condition
+            height = height or first.shape[-2]
+            width = width or first.shape[-1]
+            if guidance:  # the same control in both branches
+                condition = ([torch.cat([c, c]) for c in condition] if isinstance(condition, list)
+                             else torch.cat([condition, condition]))
+        step = self.latent_factor * unet_downsampling(self.unet)
+        if height % step or width % step:
+            raise ValueError(f"image size {height}x{width} is not a multiple of {step} (latent factor "
+                             f"{self.latent_factor} x the UNet's total downsampling {step // self.latent_factor})")
+        return condition, height, width
+
     def _step_kwargs(self, generator, eta: float) -> dict:
         params = set(inspect.signature(self.scheduler.step).parameters)
         kwargs = {}
@@ -121,7 +162,7 @@ class ELRControlPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def __call__(self, prompt: Union[str, List[str]], condition, num_inference_steps: int = 50,
+    def __call__(self, prompt: Union[str, List[str]], condition=None, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, conditioning_scale: float = 1.0,
                  negative_prompt: Optional[Union[str, List[str]]] = None,
                  generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
@@ -134,7 +175,8 @@ class ELRControlPipeline(DiffusionPipeline):
             prompt: one text or a list (one image set per text).
             condition: the condition map(s): a tensor [N or 1, C, H, W] in [0, 1], a PIL image or an
                 array (see `condition_to_tensor`), or a list with one such map per condition type the
-                adapter was built for (e.g. [edges, segmentation]).
+                adapter was built for (e.g. [edges, segmentation]). Required with an adapter; without
+                one (adapter=None) there is nothing to condition on and it must be None.
             num_inference_steps, guidance_scale: sampling steps; classifier-free guidance weight (<= 1
                 turns guidance off).
             conditioning_scale: multiplies the adapter's residuals.
@@ -142,8 +184,9 @@ class ELRControlPipeline(DiffusionPipeline):
             generator: torch generator(s) for the initial noise (and stochastic schedulers).
             num_images_per_prompt: images per text.
             output_type: "pil", "np" ([N, H, W, 3] in [0, 1]) or "pt" ([N, 3, H, W] in [0, 1]).
-            height, width: image size (default: the condition's); must be a multiple of
-                latent_factor * the UNet's total downsampling.
+            height, width: image size (default: the condition's, or without a condition the UNet's
+                sample_size times the latent factor); must be a multiple of latent_factor * the UNet's
+                total downsampling.
             latents: initial noise (instead of drawing it).
             eta: DDIM's eta (ignored by schedulers without it).
         """
@@ -155,17 +198,8 @@ class ELRControlPipeline(DiffusionPipeline):
         guidance = guidance_scale > 1.0
 
         text_states = self.encode_prompt(prompts, device, num_images_per_prompt, negative_prompt, guidance)
-        condition = self.prepare_condition(condition, len(prompts), num_images_per_prompt, device, dtype)
-        first = condition[0] if isinstance(condition, list) else condition
-        height = height or first.shape[-2]
-        width = width or first.shape[-1]
-        step = self.latent_factor * self.adapter.total_downsampling
-        if height % step or width % step:
-            raise ValueError(f"image size {height}x{width} is not a multiple of {step} (latent factor "
-                             f"{self.latent_factor} x the UNet's total downsampling {self.adapter.total_downsampling})")
-        if guidance:  # the same control in both branches
-            condition = ([torch.cat([c, c]) for c in condition] if isinstance(condition, list)
-                         else torch.cat([condition, condition]))
+        condition, height, width = self.prepare_control(condition, height, width, len(prompts),
+                                                        num_images_per_prompt, device, dtype, guidance)
 
         shape = (len(prompts) * num_images_per_prompt, self.unet.config.in_channels, height // self.latent_factor,
                  width // self.latent_factor)
@@ -184,7 +218,10 @@ class ELRControlPipeline(DiffusionPipeline):
             for t in timesteps:
                 model_input = torch.cat([latents, latents]) if guidance else latents
                 model_input = self.scheduler.scale_model_input(model_input, t)
-                down, mid = self.adapter(model_input, t, text_states, condition, conditioning_scale=conditioning_scale)
+                down = mid = None
+                if self.adapter is not None:
+                    down, mid = self.adapter(model_input, t, text_states, condition,
+                                             conditioning_scale=conditioning_scale)
                 # an adapter kept in fp32 beside a bf16/fp16 UNet: its residuals in the UNet's dtype
                 if down is not None:
                     down, mid = [r.to(self.unet.dtype) for r in down], mid.to(self.unet.dtype)

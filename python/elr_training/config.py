@@ -182,48 +182,59 @@ RANK_POLICIES = ("rank", "rank_ratio", "energy", "param_budget")
 
 STAGE_CONFIGS = {0: TeacherConfig, 1: DistillConfig, 2: ControlConfig}
 
-# Values for fields left at None. "tiny": measured on this project's 2-core CPU so that
-# `train.py --stage 2` (stages 0, 1, 2 in a row) finishes within 10 minutes; "paper": section 3.3.
+# Values for fields left at None, per preset and stage: what every stage of a preset shares, then
+# each stage's own values over it. "tiny": measured on a 2-core CPU so that `train.py --stage 2`
+# (stages 0, 1, 2 in a row) finishes within 10 minutes; "paper": section 3.3.
+TINY_SHARED = dict(
+    loss_weighting="min-snr",
+    resolution=32,
+    train_batch_size=16,
+    synthetic_size=4096,
+    num_inference_steps=20,
+    guidance_scale=2.0,
+    num_train_epochs=1,
+    num_threads=2,
+    deterministic=True,
+)
+PAPER_SHARED = dict(
+    loss_weighting="constant",
+    resolution=512,
+    train_batch_size=4,
+    learning_rate=1e-5,
+    num_train_epochs=1,
+    num_threads=0,
+    deterministic=False,
+    checkpointing_steps=5000,
+    validation_steps=5000,
+    num_validation_images=4,
+    num_inference_steps=50,
+    guidance_scale=7.5,
+    synthetic_size=4096,
+)
 PRESETS: Dict[str, Dict[int, Dict[str, Any]]] = {
     "tiny": {
         # Stage 0: epsilon with the cosine schedule and min-SNR weighting. Measured at 300 steps: flat shapes
         # on flat backgrounds, where the DDPM linear schedule (epsilon or v, constant weighting) gave noisy
         # blobs.
         0: dict(
+            **TINY_SHARED,
             prediction_type="epsilon",
             beta_schedule="squaredcos_cap_v2",
-            loss_weighting="min-snr",
-            resolution=32,
-            train_batch_size=16,
             learning_rate=2e-3,
             max_train_steps=300,
-            synthetic_size=4096,
             checkpointing_steps=100,
             validation_steps=300,
             num_validation_images=8,
-            num_inference_steps=20,
-            guidance_scale=2.0,
             text_dropout=0.1,
-            num_train_epochs=1,
-            num_threads=2,
-            deterministic=True,
         ),
         1: dict(
-            loss_weighting="min-snr",
-            resolution=32,
-            train_batch_size=16,
+            **TINY_SHARED,
             learning_rate=1e-3,
             max_train_steps=30,  # 60 steps: validation KD MSE 0.0026 (30 s more); the budget went to stage 2
-            synthetic_size=4096,
             checkpointing_steps=30,
             validation_steps=30,
             num_validation_images=8,
-            num_inference_steps=20,
-            guidance_scale=2.0,
             text_dropout=0.0,
-            num_train_epochs=1,
-            num_threads=2,
-            deterministic=True,
             # The 300-step tiny teacher's weights have flat spectra: measured KD MSE of the SVD-initialised
             # student against the teacher (eps space, 8 validation scenes): rank_ratio 0.5 -> 0.38 (1.07M
             # params), energy 0.85 -> 0.053 (1.37M), energy 0.9 -> 0.008 (1.53M of 1.66M).
@@ -240,79 +251,35 @@ PRESETS: Dict[str, Dict[int, Dict[str, Any]]] = {
         # Stage 2 at 0.95 s/step is most of the 10-minute budget: 300 steps, one validation at the end.
         # canny + seg with these settings: IoU 0.367 / 0.255, but edge NMSE (canny alone) 1.871: canny only.
         2: dict(
-            loss_weighting="min-snr",
-            resolution=32,
-            train_batch_size=16,
+            **TINY_SHARED,
             learning_rate=5e-3,
             max_train_steps=300,
             drop_all_conditions=0.0,
-            synthetic_size=4096,
             checkpointing_steps=100,
             validation_steps=300,
             num_validation_images=16,  # edge NMSE over 16 scenes; the grid shows the first 8
-            num_inference_steps=20,
-            guidance_scale=2.0,
             text_dropout=0.5,
-            num_train_epochs=1,
-            num_threads=2,
-            deterministic=True,
         ),
     },
     "paper": {
         0: dict(
-            loss_weighting="constant",
-            resolution=512,
-            train_batch_size=4,
-            learning_rate=1e-5,
-            num_train_epochs=1,
-            num_threads=0,
-            deterministic=False,
-            checkpointing_steps=5000,
-            validation_steps=5000,
-            num_validation_images=4,
-            num_inference_steps=50,
-            guidance_scale=7.5,
+            **PAPER_SHARED,
             text_dropout=0.1,
-            synthetic_size=4096,
         ),
         # Stage I: "the standard training scheme of Stable Diffusion without classifier-free guidance":
         # no text dropout.
         1: dict(
-            loss_weighting="constant",
-            resolution=512,
-            train_batch_size=4,
-            learning_rate=1e-5,
-            num_train_epochs=1,
-            num_threads=0,
-            deterministic=False,
-            checkpointing_steps=5000,
-            validation_steps=5000,
-            num_validation_images=4,
-            num_inference_steps=50,
-            guidance_scale=7.5,
+            **PAPER_SHARED,
             # rank 1/3 of full rank: SD 2.1's UNet 866M -> 365M, the whole model 1290M -> 789M (paper: 790M)
             text_dropout=0.0,
-            synthetic_size=4096,
             rank_ratio=1 / 3,
         ),
         # Stage II: as Uni-ControlNet, one epoch, AdamW lr 1e-5, 512 x 512, caption dropped with
         # probability 0.5.
         2: dict(
-            loss_weighting="constant",
-            resolution=512,
-            train_batch_size=4,
-            learning_rate=1e-5,
-            num_train_epochs=1,
-            num_threads=0,
-            deterministic=False,
-            checkpointing_steps=5000,
-            validation_steps=5000,
-            num_validation_images=4,
-            num_inference_steps=50,
-            guidance_scale=7.5,
+            **PAPER_SHARED,
             text_dropout=0.5,
             drop_all_conditions=0.1,
-            synthetic_size=4096,
         ),
     },
 }

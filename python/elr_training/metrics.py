@@ -1,4 +1,12 @@
-"""Controllability metrics of the paper (section 3.2), shared by training validation and evaluate.py.
+"""The metrics of the paper's section 3.2, in one place for training validation, evaluate.py and the
+benchmarks: per image (edge NMSE, boundary F-score, segmentation IoU), over a set of samples (their
+means, FID, CLIP score), and the control-versus-no-control verdict.
+
+Every set-level metric is a dict: {"value": float, "available": True, ...details} when measured, or
+{"value": None, "available": False, "reason": "..."} when it cannot be measured honestly here (no
+weights given, package missing, too few samples). A metric that needs pretrained weights (Inception
+for FID, CLIP for the CLIP scores) is never computed with random weights: without a local path it is
+reported unavailable.
 
 edge_nmse
     The paper extracts Canny edges from the generated image and measures the normalised mean squared
@@ -27,15 +35,39 @@ edge_f_score
 
 segmentation_iou
     Mean intersection over union over the classes present in either mask (a class absent from both
-    says nothing about the prediction and is left out of the mean).
+    says nothing about the prediction and is left out of the mean). Synthetic data: pred = every pixel
+    of the generated image labelled with the class of the nearest palette colour (RGB distance), true
+    = the exact mask. Real data: pred and true are the user's segmentation model run on the generated
+    image and on the data set's image.
+
+FID
+    torchmetrics FrechetInceptionDistance (2048-d pool features, torch-fidelity's InceptionV3) with the
+    weights file the user gives; real = the data set's images, generated = the model's, both uint8 RGB.
+
+CLIP score
+    torchmetrics CLIPScore with a local CLIP folder: 100 * max(cos(image, prompt), 0) averaged; reported
+    / 100 (cosine, the scale of the paper's 0.82) and as Hessel et al.'s CLIP-S = 2.5 * that. The sketch
+    CLIP score puts the sketch condition image in place of the prompt (image-image cosine).
+
+Set-level means skip the samples where a metric is undefined (NaN: a condition without edges, an
+empty mask) and say how many they skipped.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from typing import Callable, Dict, Optional, Sequence
+
 import numpy as np
 import torch
 
-__all__ = ["edge_nmse", "edge_f_score", "edge_maps", "canny_edges", "segmentation_iou", "to_uint8_image"]
+__all__ = [
+    "edge_nmse", "edge_f_score", "edge_maps", "canny_edges", "segmentation_iou", "to_uint8_image",
+    "measured", "unavailable", "mean_edge_nmse", "mean_edge_f_score", "mean_segmentation_iou",
+    "palette_segmentation", "segment_like_reference", "frechet_inception_distance", "clip_score",
+    "CONTROL_METRICS", "control_verdict",
+]
 
 
 def to_uint8_image(image, name: str = "image") -> np.ndarray:
@@ -221,3 +253,245 @@ def segmentation_iou(pred_mask, true_mask, num_classes: int, ignore_index: int |
     union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
     present = union > 0
     return float(np.mean(intersection[present] / union[present]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Over a set of samples: every metric a dict {"value", "available", ...details}
+
+
+def measured(value: float, **details) -> dict:
+    return {"value": float(value), "available": True, **details}
+
+
+def unavailable(reason: str, **details) -> dict:
+    return {"value": None, "available": False, "reason": reason, **details}
+
+
+def _as_uint8_batch(images: Sequence) -> torch.Tensor:
+    """Images (anything to_uint8_image reads, RGB) as a uint8 tensor [N, 3, H, W]."""
+    arrays = []
+    for i, image in enumerate(images):
+        array = to_uint8_image(image, f"images[{i}]")
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=-1)
+        arrays.append(torch.from_numpy(np.array(array[..., :3])).permute(2, 0, 1))  # a copy: PIL arrays are read-only
+    return torch.stack(arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# Controllability: edge NMSE and segmentation IoU (definitions in elr_training.metrics)
+
+
+def mean_edge_nmse(generated: Sequence, condition_edges: Sequence, low_threshold: int = 100,
+                   high_threshold: int = 200) -> dict:
+    """Mean edge NMSE over the samples whose condition has edges (see the module docstring)."""
+    if len(generated) != len(condition_edges):
+        raise ValueError(f"mean_edge_nmse: {len(generated)} generated images but {len(condition_edges)} edge maps")
+    values = [edge_nmse(g, e, low_threshold, high_threshold) for g, e in zip(generated, condition_edges)]
+    defined = [v for v in values if not math.isnan(v)]
+    if not defined:
+        return unavailable("no condition edge map has any edge pixel", num_samples=len(values))
+    return measured(float(np.mean(defined)), num_samples=len(defined), skipped_empty=len(values) - len(defined),
+                    std=float(np.std(defined)), canny_thresholds=[low_threshold, high_threshold],
+                    per_sample=[float(v) for v in values])
+
+
+def mean_edge_f_score(generated: Sequence, condition_edges: Sequence, max_distance: float = 1.5,
+                      low_threshold: int = 100, high_threshold: int = 200) -> dict:
+    """Mean BSDS boundary F-score (tolerance `max_distance` px) over the samples whose condition has edges."""
+    if len(generated) != len(condition_edges):
+        raise ValueError(f"mean_edge_f_score: {len(generated)} generated images but {len(condition_edges)} edge maps")
+    values = [edge_f_score(g, e, max_distance, low_threshold, high_threshold) for g, e in zip(generated, condition_edges)]
+    defined = [v for v in values if not math.isnan(v)]
+    if not defined:
+        return unavailable("no condition edge map has any edge pixel", num_samples=len(values))
+    return measured(float(np.mean(defined)), num_samples=len(defined), skipped_empty=len(values) - len(defined),
+                    std=float(np.std(defined)), max_distance_px=max_distance,
+                    canny_thresholds=[low_threshold, high_threshold], per_sample=[float(v) for v in values])
+
+
+def palette_segmentation(image, palette) -> np.ndarray:
+    """Label every pixel with the index of the nearest palette colour (Euclidean in RGB).
+
+    image: RGB image (anything to_uint8_image reads); palette: [K, 3] colours (uint8 or 0..255).
+    Returns int64 class ids [H, W]."""
+    rgb = to_uint8_image(image, "image")
+    if rgb.ndim != 3:
+        raise ValueError(f"palette_segmentation: image must be RGB, got shape {rgb.shape}")
+    colours = np.asarray(palette, dtype=np.float64)
+    if colours.ndim != 2 or colours.shape[1] != 3:
+        raise ValueError(f"palette_segmentation: palette must be [K, 3], got shape {colours.shape}")
+    pixels = rgb[..., :3].reshape(-1, 3).astype(np.float64)
+    distances = ((pixels[:, None, :] - colours[None, :, :]) ** 2).sum(-1)
+    return distances.argmin(1).reshape(rgb.shape[:2])
+
+
+def segment_like_reference(generated, reference_image, true_mask) -> tuple:
+    """(pred, true) class masks for the synthetic scenes, whose classes are flat colours.
+
+    The palette is read off the data: the median colour of the reference image over each class of
+    the exact mask. Every pixel of the generated image gets the class of the nearest palette colour.
+    Two classes painted the same colour (a red circle and a red square) cannot be told apart by
+    colour: they are merged into one class in both masks for this sample."""
+    image = to_uint8_image(reference_image, "reference_image")[..., :3]
+    mask = np.asarray(true_mask.detach().cpu() if isinstance(true_mask, torch.Tensor) else true_mask).astype(np.int64)
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"segment_like_reference: reference image {image.shape[:2]} and mask {mask.shape} differ")
+    first_of_colour, to_merged = {}, np.arange(mask.max() + 1)
+    for c in np.unique(mask):
+        colour = tuple(int(v) for v in np.median(image[mask == c], axis=0))
+        to_merged[c] = first_of_colour.setdefault(colour, int(c))
+    classes, colours = list(first_of_colour.values()), list(first_of_colour)
+    pred = np.asarray(classes)[palette_segmentation(generated, np.asarray(colours))]
+    if pred.shape != mask.shape:
+        raise ValueError(f"segment_like_reference: generated image is {pred.shape}, mask is {mask.shape}")
+    return pred, to_merged[mask]
+
+
+def mean_segmentation_iou(pred_masks: Sequence, true_masks: Sequence, num_classes: int,
+                          ignore_index: Optional[int] = None) -> dict:
+    """Mean over samples of the per-sample mean IoU over classes (see the module docstring)."""
+    if len(pred_masks) != len(true_masks):
+        raise ValueError(f"mean_segmentation_iou: {len(pred_masks)} predicted masks but {len(true_masks)} true masks")
+    values = [segmentation_iou(p, t, num_classes, ignore_index) for p, t in zip(pred_masks, true_masks)]
+    defined = [v for v in values if not math.isnan(v)]
+    if not defined:
+        return unavailable("every true mask is empty (all pixels ignored)", num_samples=len(values))
+    return measured(float(np.mean(defined)), num_samples=len(defined), std=float(np.std(defined)),
+                    num_classes=num_classes, per_sample=[float(v) for v in values])
+
+
+# ----------------------------------------------------------------------------------------------
+# Image quality: FID and CLIP score, only with real weights
+
+
+def frechet_inception_distance(real_images: Sequence, generated_images: Sequence,
+                               inception_weights: Optional[str], batch_size: int = 16) -> dict:
+    """FID between two image sets with torchmetrics (torch-fidelity's InceptionV3, 2048-d features).
+
+    inception_weights: path to torch-fidelity's weight file (pt_inception-2015-12-05, the FID
+    reference network); None -> unavailable, never random weights and never a download."""
+    if not inception_weights:
+        return unavailable("no Inception weights given (--inception-weights PATH to torch-fidelity's "
+                           "pt_inception-2015-12-05 .pth); FID needs the reference network")
+    if not os.path.isfile(inception_weights):
+        return unavailable(f"Inception weights file not found: {inception_weights}")
+    if min(len(real_images), len(generated_images)) < 2:
+        return unavailable(f"FID needs at least 2 real and 2 generated images, got {len(real_images)} and "
+                           f"{len(generated_images)}")
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError as exc:
+        return unavailable(f"torchmetrics / torch-fidelity not installed ({exc}); pip install torchmetrics torch-fidelity")
+    try:
+        fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=inception_weights)
+    except ModuleNotFoundError as exc:
+        return unavailable(f"torch-fidelity not installed ({exc}); pip install torch-fidelity")
+    for images, real in ((real_images, True), (generated_images, False)):
+        for start in range(0, len(images), batch_size):
+            fid.update(_as_uint8_batch(images[start:start + batch_size]), real=real)
+    value = float(fid.compute())
+    n = min(len(real_images), len(generated_images))
+    note = None
+    if n < 2048:  # fewer samples than feature dimensions: the covariances are rank-deficient
+        note = f"{n} samples < 2048 feature dims: FID is biased upwards; compare only runs with the same count"
+    return measured(value, num_real=len(real_images), num_generated=len(generated_images),
+                    weights=os.path.abspath(inception_weights), note=note)
+
+
+class _ProjectedFeatures(torch.nn.Module):
+    """CLIPModel whose get_image_features / get_text_features return the projected embeddings as
+    tensors. torchmetrics 1.9 expects tensors there; transformers 5 returns an output object whose
+    pooler_output holds them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs):
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs):
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def _clip_loader(clip_model: str) -> Callable:
+    def load():
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = CLIPModel.from_pretrained(clip_model, local_files_only=True).eval()
+        return _ProjectedFeatures(model), CLIPProcessor.from_pretrained(clip_model, local_files_only=True)
+    return load
+
+
+def clip_score(images: Sequence, targets: Sequence, clip_model: Optional[str], batch_size: int = 16) -> dict:
+    """CLIP score of images against prompts (str) or against images (the sketch score), with
+    torchmetrics CLIPScore and a local CLIP folder (CLIPModel + CLIPProcessor files).
+
+    value: mean max(cos, 0) in [0, 1]; clip_s_hessel: 2.5 * value; torchmetrics_score: 100 * value."""
+    if not clip_model:
+        return unavailable("no CLIP model given (--clip-model DIR, a local CLIP folder such as "
+                           "openai/clip-vit-large-patch14 saved with save_pretrained)")
+    if not os.path.isdir(clip_model):
+        return unavailable(f"CLIP model folder not found: {clip_model}")
+    if len(images) != len(targets) or not images:
+        raise ValueError(f"clip_score: need as many targets as images (>= 1), got {len(images)} and {len(targets)}")
+    try:
+        from torchmetrics.multimodal.clip_score import CLIPScore
+    except ImportError as exc:
+        return unavailable(f"torchmetrics not installed ({exc}); pip install torchmetrics")
+    metric = CLIPScore(model_name_or_path=_clip_loader(clip_model))
+    against_text = isinstance(targets[0], str)
+    for start in range(0, len(images), batch_size):
+        batch = list(_as_uint8_batch(images[start:start + batch_size]))
+        chunk = targets[start:start + batch_size]
+        metric.update(batch, list(chunk) if against_text else list(_as_uint8_batch(chunk)))
+    score = float(metric.compute())  # torchmetrics: mean of 100 * max(cos, 0)
+    return measured(score / 100.0, clip_s_hessel=2.5 * score / 100.0, torchmetrics_score=score,
+                    num_samples=len(images), against="prompt" if against_text else "image",
+                    model=os.path.abspath(clip_model))
+
+
+# (metric, words, lower is better) of the control-versus-no-control comparison of stage 2's validation.
+CONTROL_METRICS = (
+    ("edge_nmse", "edge NMSE", True),
+    ("edge_f_score", "edge F-score", False),
+    ("seg_iou", "segmentation IoU", False),
+)
+
+
+def control_verdict(metrics: Dict[str, float]) -> str:
+    """In words, from stage 2's validation metrics (keys with or without 'val/' / 'validation_'): did
+    the control help? One clause per metric with both values and the relative change."""
+    def value(key):
+        for prefix in ("val/", "validation_"):
+            if metrics.get(prefix + key) is not None:
+                return float(metrics[prefix + key])
+        return None
+
+    clauses, helped = [], []
+    for key, words, lower in CONTROL_METRICS:
+        with_control, without = value(f"{key}_control"), value(f"{key}_no_control")
+        if with_control is None or without is None or not np.isfinite([with_control, without]).all():
+            continue
+        better = with_control < without if lower else with_control > without
+        change = (with_control - without) / abs(without) if without else float("inf")
+        helped.append(better)
+        clauses.append(
+            f"{words} {with_control:.3f} with control vs {without:.3f} without "
+            f"({abs(change):.0%} {('lower' if change < 0 else 'higher')}, {'better' if better else 'worse'})"
+        )
+    if not clauses:
+        return "no control metric was measured"
+    if all(helped):
+        head = "the control helped"
+    elif not any(helped):
+        head = "the control did not help"
+    else:
+        head = "the control helped on some metrics only"
+    return f"{head}: " + "; ".join(clauses)

@@ -44,6 +44,22 @@ class Components:
         return self.noise_scheduler.config.prediction_type
 
 
+def latent_factor_of(components: Components) -> int:
+    """Image size / latent size: the VAE's downsampling (8 for Stable Diffusion), 1 in pixel space."""
+    from elr_ext.pipelines import vae_downsampling
+
+    return vae_downsampling(components.vae)
+
+
+def weight_dtype_of(mixed_precision: str) -> torch.dtype:
+    """The dtype frozen models run in under --mixed-precision (what trains keeps fp32 master weights)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def check_model_folder(folder: str, parts: List[str], flag: str) -> None:
     """Raise FileNotFoundError naming the first missing file of the given parts."""
     if not os.path.isdir(folder):

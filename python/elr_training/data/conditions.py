@@ -54,11 +54,10 @@ class ConditionSettings:
 
 
 def canny_map(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
-    """uint8 RGB [H, W, 3] -> float32 [1, H, W] in {0, 1}."""
-    import cv2
+    """uint8 RGB [H, W, 3] -> float32 [1, H, W] in {0, 1}: the edges the edge metrics measure against."""
+    from ..metrics import canny_edges
 
-    edges = cv2.Canny(cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY), low, high)
-    return (edges > 0).astype(np.float32)[None]
+    return (canny_edges(image, low, high) > 0).astype(np.float32)[None]
 
 
 def xdog_map(image: np.ndarray, sigma=0.8, k=1.6, p=20.0, eps=0.1, phi=10.0) -> np.ndarray:
@@ -86,8 +85,9 @@ def given_map(kind: str, image: np.ndarray) -> np.ndarray:
 
 
 class SegmentationModel:
-    """A local semantic-segmentation model (transformers AutoModelForSemanticSegmentation folder)
-    whose argmax classes are colour-coded like the given masks. Loaded once per data worker."""
+    """A local semantic-segmentation model (transformers AutoModelForSemanticSegmentation folder):
+    `class_ids(image)` gives its argmax classes [H, W] (what the IoU metric compares), calling it gives
+    them colour-coded like the given masks (the seg condition). Loaded once per data worker."""
 
     def __init__(self, folder: str):
         import os
@@ -101,14 +101,21 @@ class SegmentationModel:
         rng = np.random.default_rng(0)
         self.palette = rng.integers(0, 256, size=(max(self.model.config.num_labels, 1), 3)).astype(np.uint8)
 
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_labels
+
     @torch.no_grad()
-    def __call__(self, image: np.ndarray) -> np.ndarray:
+    def class_ids(self, image: np.ndarray) -> np.ndarray:
         inputs = self.processor(images=image, return_tensors="pt")
         logits = self.model(**inputs).logits
         logits = torch.nn.functional.interpolate(
             logits, size=image.shape[:2], mode="bilinear", align_corners=False
         )
-        return self.palette[logits.argmax(1)[0].numpy()]
+        return logits.argmax(1)[0].numpy()
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return self.palette[self.class_ids(image)]
 
 
 class ConditionMaker:
