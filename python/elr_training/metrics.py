@@ -278,36 +278,37 @@ def _as_uint8_batch(images: Sequence) -> torch.Tensor:
     return torch.stack(arrays)
 
 
-# ----------------------------------------------------------------------------------------------
-# Controllability: edge NMSE and segmentation IoU (definitions in elr_training.metrics)
+def mean_over_samples(values: Sequence[float], empty_reason: str, **details) -> dict:
+    """The mean of per-sample values, those that are NaN (undefined for that sample) left out and
+    counted; unavailable (with `empty_reason`) when every one is NaN."""
+    defined = [v for v in values if not math.isnan(v)]
+    if not defined:
+        return unavailable(empty_reason, num_samples=len(values))
+    return measured(float(np.mean(defined)), num_samples=len(defined), skipped_empty=len(values) - len(defined),
+                    std=float(np.std(defined)), **details, per_sample=[float(v) for v in values])
+
+
+def _check_pairs(name: str, generated: Sequence, references: Sequence, what: str) -> None:
+    if len(generated) != len(references):
+        raise ValueError(f"{name}: {len(generated)} generated images but {len(references)} {what}")
 
 
 def mean_edge_nmse(generated: Sequence, condition_edges: Sequence, low_threshold: int = 100,
                    high_threshold: int = 200) -> dict:
     """Mean edge NMSE over the samples whose condition has edges (see the module docstring)."""
-    if len(generated) != len(condition_edges):
-        raise ValueError(f"mean_edge_nmse: {len(generated)} generated images but {len(condition_edges)} edge maps")
+    _check_pairs("mean_edge_nmse", generated, condition_edges, "edge maps")
     values = [edge_nmse(g, e, low_threshold, high_threshold) for g, e in zip(generated, condition_edges)]
-    defined = [v for v in values if not math.isnan(v)]
-    if not defined:
-        return unavailable("no condition edge map has any edge pixel", num_samples=len(values))
-    return measured(float(np.mean(defined)), num_samples=len(defined), skipped_empty=len(values) - len(defined),
-                    std=float(np.std(defined)), canny_thresholds=[low_threshold, high_threshold],
-                    per_sample=[float(v) for v in values])
+    return mean_over_samples(values, "no condition edge map has any edge pixel",
+                             canny_thresholds=[low_threshold, high_threshold])
 
 
 def mean_edge_f_score(generated: Sequence, condition_edges: Sequence, max_distance: float = 1.5,
                       low_threshold: int = 100, high_threshold: int = 200) -> dict:
     """Mean BSDS boundary F-score (tolerance `max_distance` px) over the samples whose condition has edges."""
-    if len(generated) != len(condition_edges):
-        raise ValueError(f"mean_edge_f_score: {len(generated)} generated images but {len(condition_edges)} edge maps")
+    _check_pairs("mean_edge_f_score", generated, condition_edges, "edge maps")
     values = [edge_f_score(g, e, max_distance, low_threshold, high_threshold) for g, e in zip(generated, condition_edges)]
-    defined = [v for v in values if not math.isnan(v)]
-    if not defined:
-        return unavailable("no condition edge map has any edge pixel", num_samples=len(values))
-    return measured(float(np.mean(defined)), num_samples=len(defined), skipped_empty=len(values) - len(defined),
-                    std=float(np.std(defined)), max_distance_px=max_distance,
-                    canny_thresholds=[low_threshold, high_threshold], per_sample=[float(v) for v in values])
+    return mean_over_samples(values, "no condition edge map has any edge pixel", max_distance_px=max_distance,
+                             canny_thresholds=[low_threshold, high_threshold])
 
 
 def palette_segmentation(image, palette) -> np.ndarray:
@@ -354,11 +355,7 @@ def mean_segmentation_iou(pred_masks: Sequence, true_masks: Sequence, num_classe
     if len(pred_masks) != len(true_masks):
         raise ValueError(f"mean_segmentation_iou: {len(pred_masks)} predicted masks but {len(true_masks)} true masks")
     values = [segmentation_iou(p, t, num_classes, ignore_index) for p, t in zip(pred_masks, true_masks)]
-    defined = [v for v in values if not math.isnan(v)]
-    if not defined:
-        return unavailable("every true mask is empty (all pixels ignored)", num_samples=len(values))
-    return measured(float(np.mean(defined)), num_samples=len(defined), std=float(np.std(defined)),
-                    num_classes=num_classes, per_sample=[float(v) for v in values])
+    return mean_over_samples(values, "every true mask is empty (all pixels ignored)", num_classes=num_classes)
 
 
 # ----------------------------------------------------------------------------------------------
