@@ -111,29 +111,9 @@ def train(config, sources) -> dict:
     )
     started = time.perf_counter()
 
-    # The built-in default: stage 2 without a backbone first trains one (stage 0, then stage 1).
     earlier = {}
     if config.stage == 2 and config.backbone is None and config.pretrained is None:
-        teacher_dir, student_dir = (os.path.join(config.output_dir, f"stage{k}") for k in (0, 1))
-        accelerator.print(
-            f"--stage 2 without --backbone: training the tiny teacher (stage 0) in {teacher_dir}, "
-            f"then the low-rank student (stage 1) in {student_dir}, then the control adapter (stage 2)"
-        )
-        for number, folder, extra in ((0, teacher_dir, {}), (1, student_dir, {"teacher": teacher_dir})):
-            inherited = {
-                k: getattr(config, k) for k in INHERITED_BY_EARLIER_STAGES if sources[k] in ("cli", "yaml")
-            }
-            if config.earlier_stage_steps:
-                inherited["max_train_steps"] = config.earlier_stage_steps[number]
-            if config.resume_from_checkpoint == "latest":
-                inherited["resume_from_checkpoint"] = "latest"
-            stage_config, stage_sources = make_config(
-                {0: TeacherConfig, 1: DistillConfig}[number],
-                dict(stage=number, output_dir=folder, **inherited, **extra),
-            )
-            earlier[f"stage{number}"] = run_stage(stage_config, stage_sources, accelerator)
-        config.backbone = student_dir
-        sources["backbone"] = "stage 1 above"
+        earlier = run_earlier_stages(config, sources, accelerator)
     elif config.stage == 1 and config.teacher is None and config.pretrained is None:
         raise SystemExit(
             "--stage 1 needs --teacher (a stage-0 run or model folder) or --pretrained (SD 2.1 folder); "
@@ -148,6 +128,31 @@ def train(config, sources) -> dict:
         print(result["control_verdict"])
     accelerator.end_training()
     return result
+
+
+def run_earlier_stages(config, sources, accelerator) -> dict:
+    """The built-in default: stage 2 without a backbone first trains one (stage 0, then stage 1) in
+    <output_dir>/stage0 and stage1, with the user's settings that INHERITED_BY_EARLIER_STAGES names;
+    stage 2 then takes stage 1's model as its backbone. Returns their metrics."""
+    teacher_dir, student_dir = (os.path.join(config.output_dir, f"stage{k}") for k in (0, 1))
+    accelerator.print(
+        f"--stage 2 without --backbone: training the tiny teacher (stage 0) in {teacher_dir}, "
+        f"then the low-rank student (stage 1) in {student_dir}, then the control adapter (stage 2)"
+    )
+    earlier = {}
+    for number, folder, extra in ((0, teacher_dir, {}), (1, student_dir, {"teacher": teacher_dir})):
+        inherited = {k: getattr(config, k) for k in INHERITED_BY_EARLIER_STAGES if sources[k] in ("cli", "yaml")}
+        if config.earlier_stage_steps:
+            inherited["max_train_steps"] = config.earlier_stage_steps[number]
+        if config.resume_from_checkpoint == "latest":
+            inherited["resume_from_checkpoint"] = "latest"
+        stage_config, stage_sources = make_config(
+            {0: TeacherConfig, 1: DistillConfig}[number], dict(stage=number, output_dir=folder, **inherited, **extra)
+        )
+        earlier[f"stage{number}"] = run_stage(stage_config, stage_sources, accelerator)
+    config.backbone = student_dir
+    sources["backbone"] = "stage 1 above"
+    return earlier
 
 
 def run_stage(config, sources, accelerator) -> dict:
