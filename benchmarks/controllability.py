@@ -22,7 +22,7 @@ Targets: ELR's edge NMSE and IoU within 10% of the full baseline's, and far bett
 control (here: at least 25% better, relative).
 
     python benchmarks/controllability.py --quick          # tiny budget, a smoke run (minutes)
-    python benchmarks/controllability.py                  # train.py's tiny presets (300 / 60 / 400 steps)
+    python benchmarks/controllability.py                  # train.py's tiny presets (300 / 30 / 300 steps)
     python benchmarks/controllability.py --reuse          # evaluate the runs already in --work-dir
 
 Writes benchmarks/results/controllability[_quick].{md,json,png} and controllability_stage1[_quick].{md,json}.
