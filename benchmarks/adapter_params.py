@@ -32,15 +32,12 @@ import harness  # noqa: E402  (results folder)
 import elr_ext  # noqa: E402
 from elr_ext import tiny  # noqa: E402
 from elr_ext.decompose import CONFIG_FORMAT, apply_decomposition_config  # noqa: E402
+from elr_ext.nn import count_parameters  # noqa: E402
 from elr_ext.nn.control_adapter import LocalControlAdapter  # noqa: E402
+from elr_ext.unet_configs import SD21_UNET_CONFIG  # noqa: E402
 
-# Stable Diffusion 2.1's UNet (stabilityai/stable-diffusion-2-1, unet/config.json), 512 px -> 64 latent.
-SD21_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True, layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
+# Stable Diffusion 2.1's UNet at 512 px -> 64 latent.
+SD21_UNET = {**SD21_UNET_CONFIG, "sample_size": 64}
 # Uni-ControlNet's condition types of the paper: sketch (1), edges (1), segmentation (3).
 CONDITION_CHANNELS = [1, 1, 3]
 RANK_RATIO = 1 / 3
@@ -81,7 +78,7 @@ def count(config: dict, latent_factor: int, decomposed: bool, mode: str, terms: 
                                                 rank=rank, factor=factor, latent_factor=latent_factor,
                                                 feature_channels=feature_channels)
     counts = adapter.parameter_counts()
-    backbone = sum(p.numel() for p in unet.parameters())
+    backbone = count_parameters(unet)
     return {**counts, "backbone": backbone, "system_total": backbone + counts["total"]}
 
 

@@ -49,6 +49,7 @@ import torch  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
+from elr_ext.nn import count_parameters  # noqa: E402
 from elr_training import evaluation, run_folder, sampling  # noqa: E402
 from elr_training.metrics import clip_score, frechet_inception_distance, measured, unavailable  # noqa: E402
 
@@ -162,7 +163,7 @@ def stage1_table(runs: dict, samples, args, log: dict) -> dict:
             continue
         components = load_components(runs[key], key)
         unet = components.unet.eval()
-        row = {"total_params": sum(p.numel() for p in unet.parameters()),
+        row = {"total_params": count_parameters(unet),
                **denoising_errors(unet, teacher.unet.eval(), teacher, samples, args.seed)}
         model = run_folder.ControlModel(components, None, ["canny"])
         images = evaluation.generate_images(model, samples, None, args.steps, args.guidance_scale, 1.0, args.seed)
@@ -239,7 +240,7 @@ def main(argv=None) -> dict:
         if model.adapter is not None:
             counts = model.adapter.parameter_counts()
             metrics["trainable_params"] = counts["trainable"]
-            metrics["total_params"] = counts["total"] + sum(p.numel() for p in model.components.unet.parameters())
+            metrics["total_params"] = counts["total"] + count_parameters(model.components.unet)
         columns[label] = metrics
         for kind in CONDITIONS if model.adapter is not None else CONDITIONS[:1]:
             grid[short[label] + (f" {kind}" if model.adapter is not None else "")] = generated[kind]

@@ -33,14 +33,8 @@ import harness  # noqa: E402  (RESULTS_DIR)
 
 import elr_ext  # noqa: E402
 from elr_ext.decompose import DEFAULT_RANK_RATIO  # noqa: E402
+from elr_ext.unet_configs import SD21_UNET_CONFIG  # noqa: E402
 
-SD21_UNET = dict(  # stabilityai/stable-diffusion-2-1, unet/config.json
-    sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-    use_linear_projection=True, norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0, act_fn="silu",
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
 SD21_TEXT_ENCODER = dict(  # text_encoder/config.json (CLIPTextModel)
     vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
     max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
@@ -117,7 +111,7 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    unet = UNet2DConditionModel(**SD21_UNET)
+    unet = UNet2DConditionModel(**SD21_UNET_CONFIG)
     build_s = time.perf_counter() - t0
     blocks_before = params_by_block(unet)
 
@@ -188,7 +182,7 @@ def main(argv=None) -> dict:
     result = {
         "settings": {"svd_dtype": args.svd_dtype, "seed": args.seed, "threads": torch.get_num_threads(),
                      "torch": torch.__version__, "machine": platform.processor() or platform.machine()},
-        "unet_config": SD21_UNET, "policy": report.policy,
+        "unet_config": SD21_UNET_CONFIG, "policy": report.policy,
         "seconds": {"build": build_s, "decompose": decompose_s, "decompose_cpu": decompose_cpu_s},
         "load_average": {"start": load[0], "end": load[1], "cores": os.cpu_count()},
         "unet": {"before": report.params_before, "after": report.params_after},

@@ -994,7 +994,7 @@ def main(argv=None) -> int:
     stages = {int(s) for s in (args.stages or ("1,2,3" if args.dry_run else "1,2,3,4,5,6")).split(",")}
     if args.dry_run:
         # the shapes are tiny: a second thread only adds the parallel regions' hand-offs (3x the wall
-        # time on this project's 2-core machine while it is shared)
+        # time on a shared 2-core machine)
         torch.set_num_threads(1)
         backends_ = elr_ext.available_backends("cpu")
         cases = odd_cases()

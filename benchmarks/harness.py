@@ -1,4 +1,4 @@
-"""The one benchmark harness every benchmarks/*.py script uses (DESIGN.md 6).
+"""The one benchmark harness every benchmarks/*.py script uses (docs/benchmarks.md, "Method").
 
 - All arms of a case run in one process, interleaved A B C A B C ..., after a warm-up; each sample
   times enough calls to last >= `min_sample_s`; the reported time is the median sample.
@@ -168,7 +168,7 @@ def run(name: str, cases: List[Case], device: torch.device, dtype: torch.dtype, 
     rows = []
     for case in cases:
         for mode in modes:
-            torch._dynamo.reset()  # a fresh compile per case (DESIGN.md 6)
+            torch._dynamo.reset()  # a fresh compile per case (docs/benchmarks.md)
             arms = case.build_arms(mode)
             times = time_arms(arms, device, repeats, min_sample_s)
             for arm, fn in arms.items():

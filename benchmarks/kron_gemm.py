@@ -15,7 +15,7 @@ Arms, in one process, interleaved (benchmarks/harness.py):
 The peers always include the frozen base layer, so they run only in the cases with a base weight.
 
     python benchmarks/kron_gemm.py            # a representative subset (CPU fp32; GPU fp16 + bf16)
-    python benchmarks/kron_gemm.py --full     # the whole grid of the issue
+    python benchmarks/kron_gemm.py --full     # the whole grid (every layer x tokens x terms x rank)
     python benchmarks/kron_gemm.py --quick    # small shapes: a smoke run
     python benchmarks/kron_gemm.py --conv     # KronLoRAConv2d at SD 2.1's 3x3 convs (results kron_conv_*):
                                               # elr_ext.kron_lora_conv2d against building dW + F.conv2d
@@ -163,7 +163,7 @@ def make_conv_case(channels, side, batch, n, r, device, dtype) -> harness.Case:
     return harness.Case(label, params, build_arms)
 
 
-# The issue's targets on the default grid (fwd+bwd): with the base, elr-ext at least these multiples
+# The project's targets on the default grid (fwd+bwd): with the base, elr-ext at least these multiples
 # faster than each peer; the Kronecker term alone at least 10x building dW where the layer is wide.
 TARGETS_WITH_BASE = {"peft LoKr": 2.0, "LyCORIS bypass": 1.3}
 TARGET_KRON_ALONE = ("build-dW + F.linear", 10.0, 640)

@@ -1,4 +1,4 @@
-"""Benchmark of the fused low-rank projections (eq. 2, DESIGN.md 2.3) at Stable Diffusion 2.1's
+"""Benchmark of the fused low-rank projections (eq. 2, docs/method.md) at Stable Diffusion 2.1's
 attention shapes.
 
 Cases: self-attention q, k, v (K = 3 projections of the hidden states [tokens, d]) at SD's levels

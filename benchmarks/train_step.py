@@ -60,6 +60,8 @@ import harness  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
 import elr_ext  # noqa: E402
+from elr_ext.nn import count_parameters  # noqa: E402
+from elr_ext.unet_configs import SD21_UNET_CONFIG  # noqa: E402
 from elr_training.config import PRESETS  # noqa: E402
 from elr_training.data.conditions import condition_channels  # noqa: E402  (the training app's channel counts)
 
@@ -84,15 +86,6 @@ ARMS = {
 BASELINE, OURS = "baseline", "elr"
 TARGETS = {"trainable_params": 0.42, "peak_memory_bytes": 0.55, "seconds_per_iteration": 0.38}
 PAPER = {"trainable_params": 750 / 1271, "peak_memory_bytes": 14 / 20, "seconds_per_iteration": 2.15 / 5.72}
-
-# Stable Diffusion 2.1's UNet (stabilityai/stable-diffusion-2-1 unet/config.json), random weights.
-SD21_UNET = dict(
-    in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
-    cross_attention_dim=1024, use_linear_projection=True, layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
-
 
 @dataclasses.dataclass
 class StepConfig:
@@ -137,7 +130,7 @@ def build_unet(cfg: StepConfig) -> nn.Module:
     if cfg.name == "sd21":
         from diffusers import UNet2DConditionModel
 
-        return UNet2DConditionModel(sample_size=cfg.latent, **SD21_UNET)
+        return UNet2DConditionModel(**{**SD21_UNET_CONFIG, "sample_size": cfg.latent})  # random weights
     raise ValueError(f"--config must be tiny or sd21, got {cfg.name!r}")
 
 
@@ -150,17 +143,6 @@ def set_fdn_mode(adapter: nn.Module, fused: bool) -> int:
     for block in blocks:
         block.fused = fused
     return len(blocks)
-
-
-def count_unique(parameters) -> int:
-    """Elements of the distinct tensors among `parameters` (a weight shared by two modules counts once)."""
-    seen, total = set(), 0
-    for p in parameters:
-        key = (p.data_ptr(), p.numel())
-        if key not in seen:
-            seen.add(key)
-            total += p.numel()
-    return total
 
 
 def save_backbones(cfg: StepConfig, decomposed: bool, folder: str) -> None:
@@ -267,7 +249,7 @@ def _unet_config(cfg: StepConfig):
 
         conf = dict(TINY_UNET_CONFIG)
     else:
-        conf = dict(SD21_UNET)
+        conf = dict(SD21_UNET_CONFIG)
     return argparse.Namespace(**conf)
 
 
@@ -334,10 +316,10 @@ def child(cfg: StepConfig, arm_name: str, job: str, device: torch.device, autoca
 
 
 def parameter_counts(unet, adapter) -> dict:
-    return {"trainable_params": count_unique(adapter.trainable_parameters()),
-            "adapter_params": count_unique(adapter.parameters()),
-            "backbone_params": count_unique(unet.parameters()),
-            "total_params": count_unique(list(unet.parameters()) + list(adapter.parameters()))}
+    return {"trainable_params": count_parameters(adapter.trainable_parameters()),
+            "adapter_params": count_parameters(adapter),
+            "backbone_params": count_parameters(unet),
+            "total_params": count_parameters(unet, adapter)}
 
 
 def _child_args(args, arm: str, job: str, batch: int) -> List[str]:

@@ -10,6 +10,12 @@
 
 namespace elr {
 
+// The dtype of the tensors that hold acc_t<T> values (csrc/kernels/accumulate.h): FDN's mean / rstd,
+// the fp32 results of the half-precision weight-gradient GEMMs. float64 for float64, else float32.
+inline at::ScalarType accumulation_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // A kernel's raw pointer to a tensor, or nullptr for an undefined or empty tensor (an absent
 // optional input or an output that is not computed). T may be a CUDA type of the same layout
 // (__half for at::Half), hence the reinterpret_cast.

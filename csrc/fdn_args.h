@@ -6,13 +6,10 @@
 
 #include <ATen/ATen.h>
 
+#include "aten_wrapper_util.h"
 #include "kernels/fdn_common.h"
 
 namespace elr {
-
-inline at::ScalarType fdn_stat_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // The layout the kernels will use for z (and every full-size tensor of the call).
 inline FdnLayout fdn_pick_layout(const at::Tensor& z) {
@@ -73,7 +70,7 @@ inline void fdn_check_backward(const at::Tensor& grad_out, const at::Tensor& z, 
               " differs from z dtype ", z.scalar_type());
   TORCH_CHECK(grad_out.device() == z.device(), "fdn_backward: grad_out is on ", grad_out.device(), " but z is on ",
               z.device());
-  const auto stat_dtype = fdn_stat_dtype(z.scalar_type());
+  const auto stat_dtype = accumulation_dtype(z.scalar_type());
   for (const at::Tensor* t : {&mean, &rstd}) {
     const char* name = t == &mean ? "mean" : "rstd";
     TORCH_CHECK(t->sizes() == at::IntArrayRef({s.N, s.G}), "fdn_backward: ", name, " must have shape [", s.N, ", ",

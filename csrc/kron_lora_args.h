@@ -111,6 +111,46 @@ inline void kron_check_delta_grad(const char* op, const KronShape& s, const at::
   kron_check_like(op, "grad", grad, "A", A);
 }
 
+// kron_lora_forward's inputs after every shape / dtype / device check, contiguous.
+struct KronForwardInputs {
+  KronShape s;
+  at::Tensor x, A, U, V;
+};
+inline KronForwardInputs kron_forward_inputs(const at::Tensor& x, const at::Tensor& A, const at::Tensor& U,
+                                             const at::Tensor& V, const std::optional<at::Tensor>& weight,
+                                             const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "kron_lora_forward";
+  KronForwardInputs in;
+  in.s = kron_make_shape(op, x, A, U, V);
+  kron_check_base(op, in.s, x, weight, bias);
+  in.x = x.contiguous(), in.A = A.contiguous(), in.U = U.contiguous(), in.V = V.contiguous();
+  return in;
+}
+
+// kron_lora_backward's inputs after every check, contiguous; tmat / smat (the forward's, or empty
+// to recompute them) are left as given.
+struct KronBackwardInputs {
+  KronShape s;
+  at::Tensor grad_y, x, A, U, V;
+};
+inline KronBackwardInputs kron_backward_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& A,
+                                               const at::Tensor& U, const at::Tensor& V, const at::Tensor& tmat,
+                                               const at::Tensor& smat, const std::optional<at::Tensor>& weight) {
+  constexpr const char* op = "kron_lora_backward";
+  KronBackwardInputs in;
+  in.s = kron_make_shape(op, x, A, U, V);
+  kron_check_base(op, in.s, x, weight, std::nullopt);
+  kron_check_backward(op, in.s, x, grad_y, tmat, smat);
+  in.grad_y = grad_y.contiguous(), in.x = x.contiguous();
+  in.A = A.contiguous(), in.U = U.contiguous(), in.V = V.contiguous();
+  return in;
+}
+
+// A saved tmat / smat made contiguous, or an undefined tensor when it was not saved.
+inline at::Tensor kron_saved_intermediate(const at::Tensor& t) {
+  return kron_has_intermediate(t) ? t.contiguous() : at::Tensor();
+}
+
 // The outputs of kron_lora_forward, allocated the same way by every wrapper. y starts as the base
 // product (addmm(bias, x, W^T), or bias alone) that the kernel then adds the Kronecker term onto in
 // place (accumulate), or uninitialised when there is no base (the kernel writes it). tmat / smat
@@ -167,6 +207,22 @@ inline KronBackwardOutputs kron_backward_outputs(const KronShape& s, const at::T
   if (output_mask[3]) g.dV = at::empty({s.T, s.r, s.b2}, opts);
   if (output_mask[4]) g.dweight = at::mm(grad_y.t(), x);
   if (output_mask[5]) g.dbias = grad_y.sum(0);
+  return g;
+}
+
+// The gradients of kron_delta_backward that output_mask asks for (undefined otherwise), A's dtype
+// and device.
+struct KronDeltaGrads {
+  at::Tensor dA, dU, dV;
+  bool any() const { return dA.defined() || dU.defined() || dV.defined(); }
+};
+inline KronDeltaGrads kron_delta_grad_outputs(const KronShape& s, const at::Tensor& A,
+                                              const std::array<bool, 3>& output_mask) {
+  const auto opts = A.options();
+  KronDeltaGrads g;
+  if (output_mask[0]) g.dA = at::empty({s.T, s.a1, s.a2}, opts);
+  if (output_mask[1]) g.dU = at::empty({s.T, s.b1, s.r}, opts);
+  if (output_mask[2]) g.dV = at::empty({s.T, s.r, s.b2}, opts);
   return g;
 }
 

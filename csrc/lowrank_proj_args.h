@@ -1,5 +1,5 @@
 // ATen-side argument checks for the fused low-rank projections (lowrank_proj_forward /
-// lowrank_proj_backward, DESIGN.md 2.3), shared by the CPU and CUDA wrappers: one place that turns
+// lowrank_proj_backward, eq. 2 in docs/method.md), shared by the CPU and CUDA wrappers: one place that turns
 // the tensor lists into a LowRankShape and says, naming the argument (downs[1], ups[0] ...), which
 // shape, dtype or device it expected. The Python API (elr_ext/ops/lowrank_proj.py) validates user
 // input first; these checks guard direct torch.ops calls.
@@ -99,6 +99,33 @@ inline void lowrank_check_backward(const char* op, const LowRankShape& s, const 
   lowrank_check_like_x(op, "h", h, x);
   TORCH_CHECK(static_cast<int64_t>(needs_ups) == s.K() && static_cast<int64_t>(needs_biases) == s.K(), op,
               ": needs_ups and needs_biases must hold K = ", s.K(), " flags, got ", needs_ups, " and ", needs_biases);
+}
+
+// x on the wrapper's device type (at::kCPU or at::kCUDA).
+inline void lowrank_check_device_type(const char* op, const at::Tensor& x, at::DeviceType type) {
+  TORCH_CHECK(x.device().type() == type, op, ": x must be a ", c10::DeviceTypeName(type), " tensor, got ",
+              x.device());
+}
+
+// Every check of lowrank_proj_forward's inputs, for the wrapper of device type `type`; the shape.
+inline LowRankShape lowrank_forward_shape(const at::Tensor& x, at::TensorList downs, at::TensorList ups,
+                                          at::TensorList biases, at::DeviceType type) {
+  constexpr const char* op = "lowrank_proj_forward";
+  const LowRankShape s = lowrank_make_shape(op, x, downs, ups);
+  lowrank_check_biases(op, s, x, biases);
+  lowrank_check_device_type(op, x, type);
+  return s;
+}
+
+// Every check of lowrank_proj_backward's inputs, for the wrapper of device type `type`; the shape.
+inline LowRankShape lowrank_backward_shape(at::TensorList grad_ys, const at::Tensor& x, const at::Tensor& h,
+                                           at::TensorList downs, at::TensorList ups, size_t needs_ups,
+                                           size_t needs_biases, at::DeviceType type) {
+  constexpr const char* op = "lowrank_proj_backward";
+  const LowRankShape s = lowrank_make_shape(op, x, downs, ups);
+  lowrank_check_backward(op, s, x, grad_ys, h, needs_ups, needs_biases);
+  lowrank_check_device_type(op, x, type);
+  return s;
 }
 
 }  // namespace elr

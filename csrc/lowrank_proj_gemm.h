@@ -1,5 +1,5 @@
-// The fused low-rank projections (DESIGN.md 2.3) as a sequence of ATen GEMMs, shared by the CPU
-// wrapper (csrc/cpu/lowrank_proj.cpp, the BLAS / oneDNN behind at::mm) and the CUDA wrapper
+// The fused low-rank projections (eq. 2, docs/method.md) as a sequence of ATen GEMMs, shared by the
+// CPU wrapper (csrc/cpu/lowrank_proj.cpp, the BLAS / oneDNN behind at::mm) and the CUDA wrapper
 // (csrc/cuda/lowrank_proj.cu, cuBLAS / cuBLASLt behind at::mm). The op is GEMMs and nothing else, so
 // there is no custom kernel. The FLOPs are those of K unfused low-rank layers; what the fusion
 // saves is K - 1 passes over x and larger, more efficient GEMMs (h and dB as one GEMM over all
@@ -41,7 +41,7 @@ inline bool lowrank_downs_adjacent(at::TensorList downs) {
 
 // Whether the products with [B_1; ...; B_K] (h and dx) run as one GEMM over the stacked downs or
 // as one GEMM per down. Stacking separate downs costs a copy of R x in elements, which pays off
-// once there are enough tokens (measured on this project's 2-core CPU, fp32, SD's attention
+// once there are enough tokens (measured on a CPU, fp32, SD's attention
 // shapes: one GEMM wins from M >= R / 2; below, at SD's 8x8 level, the copy costs ~10% of a
 // call). fp16/bf16 always stack: per-down GEMMs would round dx to the input dtype K times.
 inline bool lowrank_stack_downs(at::TensorList downs, const LowRankShape& s, const at::Tensor& x) {

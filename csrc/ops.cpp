@@ -30,7 +30,7 @@ TORCH_LIBRARY(elr_ext_native, m) {
   m.def("kron_delta_backward(Tensor grad, Tensor A, Tensor U, Tensor V, bool[3] output_mask)"
         " -> (Tensor, Tensor, Tensor)");
 
-  // Fused low-rank projections, eq. 2 (DESIGN.md 2.3; csrc/lowrank_proj_gemm.h has the GEMMs).
+  // Fused low-rank projections, eq. 2 (docs/method.md; csrc/lowrank_proj_gemm.h has the GEMMs).
   // x [M, in]; downs[j] = B_j [r_j, in]; ups[j] = A_j [out_j, r_j]; biases[j] [out_j], or an empty
   // tensor for no bias. Returns ([y_j [M, out_j]], h = x [B_1; ...; B_K]^T [M, sum r_j]).
   m.def("lowrank_proj_forward(Tensor x, Tensor[] downs, Tensor[] ups, Tensor[] biases) -> (Tensor[], Tensor)");

@@ -33,8 +33,8 @@ _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 # the _PREFERENCE order (cuda first) is not the best choice. Key (op, dtype name); value
 # {minimum capability: backend}, the highest minimum at or below the device's capability wins;
 # anything absent keeps the _PREFERENCE order. benchmarks/gpu_check.py prints the table its
-# measurements imply (stage 6); paste it here with the card's name. Measured entries: none yet (no
-# GPU has run gpu_check.py). Reasoned entries:
+# measurements imply (stage 6); paste it here with the card's name. Measured entries: none yet.
+# Reasoned entries:
 #   - kron_lora, fp16/bf16, sm_80+: triton. Its fused kernels run the rank-space products
 #     (X V_cat^T, smat U_cat, dY U_cat^T) with tl.dot on the tensor cores; the CUDA fused kernels
 #     run them on the SIMT pipes (csrc/kernels/kron_lora.cuh), and the base GEMM is cuBLAS in both.

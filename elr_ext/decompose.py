@@ -59,6 +59,7 @@ from torch import nn
 
 from ._checks import check_choice, check_positive_int
 from .nn.attention import LowRankAttnProcessor
+from .nn.counting import count_parameters
 from .nn.lowrank import SPLITS, LowRankConv2d, LowRankLinear, split_factors, svd
 
 DEFAULT_RANK_RATIO = 1 / 3
@@ -122,10 +123,6 @@ class DecomposeReport:
                   f"({saved:,} saved, {100 * saved / max(self.params_before, 1):.1f}%)"]
         lines += [f"attention {name} kept its processor: {why}" for name, why in self.attention_skipped.items()]
         return "\n".join(lines)
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _kind(module: nn.Module) -> str:
@@ -278,7 +275,7 @@ def decompose(model: nn.Module, rank: Optional[int] = None, rank_ratio: Optional
             if not any(fnmatch.fnmatchcase(name, p) for name, _ in layers):
                 raise ValueError(f"{arg} pattern {p!r} matches no nn.Linear / nn.Conv2d of the model")
 
-    params_before = _count(model)
+    params_before = count_parameters(model)
     reports: Dict[str, LayerReport] = {}
     todo = {}  # name -> (module, out, in, full rank, largest rank that saves)
     for name, m in layers:
@@ -343,7 +340,7 @@ def decompose(model: nn.Module, rank: Optional[int] = None, rank_ratio: Optional
     config.update(split=split, policy=policy)
     setattr(model, CONFIG_ATTR, config)
 
-    return DecomposeReport(params_before, _count(model),
+    return DecomposeReport(params_before, count_parameters(model),
                            {**policy, "split": split, "min_saving": min_saving,
                             "svd_dtype": str(svd_dtype).replace("torch.", "")},
                            list(reports.values()), installed, skipped)

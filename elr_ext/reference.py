@@ -6,20 +6,29 @@ done in fp32 for fp16/bf16 inputs (fp64 for fp64), as the kernels do.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend sums, normalises and keeps statistics in: float64 for float64 inputs,
+    float32 for float32 / float16 / bfloat16 (acc_t<T> of csrc/kernels/accumulate.h in C++)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def group_stats(z: torch.Tensor, num_groups: int, eps: float = 1e-5):
     """Per-(sample, group) mean and 1/sqrt(var + eps) of z [N, C, H, W], each [N, G].
 
-    Two passes (mean, then the mean of squared deviations), never E[x^2] - E[x]^2."""
+    Two passes (mean, then the mean of squared deviations), never E[x^2] - E[x]^2. An empty group
+    (H * W == 0 or C == 0) has the statistics of a constant: mean 0, variance 0, so rstd is
+    1/sqrt(eps) (computed in fp64, rounded once), on every backend."""
     n = z.shape[0]
     grouped = z.reshape(n, num_groups, -1).to(accumulation_dtype(z.dtype))
+    if grouped.shape[-1] == 0:
+        mean = grouped.sum(dim=-1)  # zeros, still in the autograd graph
+        return mean, torch.full_like(mean, math.inf if eps == 0 else 1 / math.sqrt(eps))
     mean = grouped.mean(dim=-1)
     var = (grouped - mean.unsqueeze(-1)).square().mean(dim=-1)
     return mean, torch.rsqrt(var + eps)
@@ -56,7 +65,7 @@ def fdn_eager(z, gamma, beta, num_groups: int = 32, eps: float = 1e-5, activatio
 
 
 def fdn_backward(grad_out, z, gamma, beta, mean, rstd, num_groups: int, activation: str | None = None):
-    """The analytic gradient of FDN (DESIGN.md 2.1), given the forward's mean and rstd:
+    """The analytic gradient of FDN (docs/method.md, "Eq. 8"), given the forward's mean and rstd:
 
         g = dout * act'(pre),  pre = zhat * (1 + gamma) + beta
         dbeta = g,  dgamma = g * zhat,  dzhat = g * (1 + gamma)

@@ -1,5 +1,6 @@
-"""The tolerance rule of DESIGN.md 5, shared by the test suite (tests/helpers.py) and the GPU check
-(benchmarks/gpu_check.py), which must judge a fast path by the same rule without pytest."""
+"""The tolerance rule (docs/testing.md, "The tolerance rule"), shared by the test suite
+(tests/helpers.py) and the GPU check (benchmarks/gpu_check.py), which must judge a fast path by the
+same rule without pytest."""
 
 from __future__ import annotations
 

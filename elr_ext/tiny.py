@@ -29,7 +29,7 @@ import json
 import os
 from typing import Iterable, Optional
 
-from torch import nn
+from .nn.counting import count_parameters  # noqa: F401  (re-exported: the sizes above are its counts)
 
 # Captions the synthetic data and the tests use ("a red circle and a blue square on a gray
 # background"): each word becomes one token, anything else falls back to characters.
@@ -64,10 +64,6 @@ TINY_UNET_CONFIG = dict(
     attention_head_dim=8,
     norm_num_groups=8,
 )
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def tiny_unet(**overrides):

@@ -43,9 +43,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from elr_ext.nn import count_parameters  # noqa: E402
 from elr_training import evaluation  # noqa: E402
 from elr_training.metrics import measured  # noqa: E402
-from elr_training.models import latent_factor_of, parameter_count  # noqa: E402
+from elr_training.models import latent_factor_of  # noqa: E402
 from elr_training.run_folder import load_control_model  # noqa: E402
 from elr_training.run_log import write_json  # noqa: E402
 from elr_training.sampling import image_grid  # noqa: E402
@@ -151,7 +152,7 @@ def main(argv=None) -> dict:
     kind = "none" if model.adapter is None else model.adapter.config.adapter
     if model.adapter is not None:
         counts = model.adapter.parameter_counts()
-        backbone = parameter_count(model.components.unet)
+        backbone = count_parameters(model.components.unet)
         metrics["trainable_params"] = counts["trainable"]
         metrics["total_params"] = counts["total"] + backbone
         metrics["adapter_parameter_counts"] = counts

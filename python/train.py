@@ -34,6 +34,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
+from elr_ext.nn import count_parameters
 from elr_training import run_folder
 from elr_training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from elr_training.config import (
@@ -198,7 +199,7 @@ def set_up(config, accelerator):
     model = place_models(config, stage, components, accelerator.device)
     named = dict(model.named_parameters())
     params = [named[n] for n in stage.trained_names()]
-    say(f"trained parameters: {sum(p.numel() for p in params):,} in {len(params)} tensors")
+    say(f"trained parameters: {count_parameters(params):,} in {len(params)} tensors")
 
     condition_maker = None
     if isinstance(config, ControlConfig):
@@ -296,7 +297,7 @@ def finish(config, run, state, log, accelerator, validation_metrics, step_times,
         "train_loss_last10": mean_of(log.history.get("train/loss", [])[-10:]),
         "skipped_images": int(totals[0]),
         "skipped_shards": int(totals[1]),
-        "trained_parameters": sum(p.numel() for p in run.params),
+        "trained_parameters": count_parameters(run.params),
         "weights_checksum_per_process": checksums,
         **{k.replace("val/", "validation_"): v for k, v in validation_metrics.items()},
         "model_dir": model_dir,

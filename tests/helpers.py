@@ -1,9 +1,16 @@
-"""Shared test helpers: the tolerance rule of DESIGN.md 5 (kept in elr_ext/testing.py, which the GPU
-check uses too) and the backends to run."""
+"""Shared test helpers: the tolerance rule (docs/testing.md, "The tolerance rule"; kept in
+elr_ext/testing.py, which the GPU check uses too) and the backends to run."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+
+import torch
+
 import elr_ext
+from elr_ext import reference
+from elr_ext.ops.fdn import fdn_forward
 from elr_ext.testing import assert_close_to_ref  # noqa: F401  (the tests import it from here)
 
 
@@ -11,3 +18,32 @@ def cpu_backends() -> list:
     """Every backend that runs on CPU tensors here (torch always; cpu when compiled; triton under
     TRITON_INTERPRET=1)."""
     return elr_ext.available_backends("cpu")
+
+
+# (N, C, H, W, G, broadcast): FDN inputs whose groups are empty, by H * W == 0 or by C == 0.
+EMPTY_FDN_CASES = [(2, 4, 0, 3, 2, False), (2, 4, 3, 0, 4, True), (1, 6, 0, 0, 3, True), (2, 0, 3, 3, 1, True)]
+
+
+def check_fdn_on_empty_groups(backend, case, dtype, activation, eps, context=contextlib.nullcontext, device="cpu"):
+    """FDN on empty groups on `backend` (inside `context()`): an empty output in z's dtype; the
+    statistics of a constant, mean 0 and rstd 1/sqrt(eps) (fp64, rounded once to the accumulation
+    dtype), bit for bit what reference.group_stats gives; an empty dz and zero (broadcast) or empty
+    (full-size) dgamma, dbeta."""
+    n, c, h, w, groups, broadcast = case
+    aff = (n, c, 1, 1) if broadcast else (n, c, h, w)
+    z = torch.randn(n, c, h, w, dtype=dtype, device=device, requires_grad=True)
+    gamma = torch.randn(aff, dtype=dtype, device=device, requires_grad=True)
+    beta = torch.randn(aff, dtype=dtype, device=device, requires_grad=True)
+    with elr_ext.use_backend(backend), context():
+        out, mean, rstd = fdn_forward(z.detach(), gamma.detach(), beta.detach(), groups, eps, activation or "none")
+        y = elr_ext.fdn(z, gamma, beta, num_groups=groups, eps=eps, activation=activation)
+        dz, dgamma, dbeta = torch.autograd.grad(y, (z, gamma, beta), torch.zeros_like(y))
+    acc = reference.accumulation_dtype(dtype)
+    assert out.shape == z.shape and out.dtype == dtype and y.shape == z.shape and y.dtype == dtype
+    assert torch.equal(mean, torch.zeros(n, groups, dtype=acc, device=device)), mean
+    assert torch.equal(rstd, torch.full((n, groups), 1 / math.sqrt(eps), dtype=acc, device=device)), rstd
+    ref_mean, ref_rstd = reference.group_stats(z.detach(), groups, eps)
+    assert torch.equal(mean, ref_mean) and torch.equal(rstd, ref_rstd)
+    assert dz.shape == z.shape
+    for g in (dgamma, dbeta):
+        assert g.shape == gamma.shape and g.dtype == dtype and torch.count_nonzero(g) == 0

@@ -11,8 +11,8 @@ convs, fused FDN), frozen UNet forward with the adapter's residuals, loss, backw
 
 The backend is aot_eager (Dynamo, fake-tensor tracing of the custom ops, AOTAutograd's joint graph
 and partition: everything elr_ext must support) unless ELR_EXT_COMPILE_BACKEND says otherwise;
-inductor's C++ code generation alone would take minutes on this 2-core CPU (measured here: 251 s
-for the first inductor step, the same loss as eager to 1e-6).
+inductor's C++ code generation alone takes minutes on a small CI machine (251 s for the first
+inductor step on 2 CPU cores, with the same loss as eager to 1e-6).
 """
 
 from __future__ import annotations

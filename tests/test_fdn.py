@@ -10,7 +10,7 @@ import torch
 
 import elr_ext
 from elr_ext import reference
-from helpers import assert_close_to_ref, cpu_backends
+from helpers import EMPTY_FDN_CASES, assert_close_to_ref, check_fdn_on_empty_groups, cpu_backends
 
 BACKENDS = cpu_backends()
 
@@ -124,6 +124,16 @@ def test_nan_stays_in_its_group(backend):
     mask = torch.ones_like(out, dtype=torch.bool)
     mask[1, 2:4] = False
     assert torch.isfinite(out[mask]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("case", EMPTY_FDN_CASES)
+def test_empty_groups_have_the_statistics_of_a_constant(backend, dtype, case):
+    """H * W == 0 or C == 0: the same outputs, statistics and gradients on every backend (triton's
+    run is tests/test_triton.py's, under the interpreter)."""
+    for activation, eps in ((None, 1e-5), ("silu", 1e-6)):
+        check_fdn_on_empty_groups(backend, case, dtype, activation, eps)
 
 
 class TinyControlBlock(torch.nn.Module):

@@ -1,6 +1,7 @@
-"""The FDN CUDA kernels (csrc/kernels/fdn.cuh), run on the CPU through tests/cuda_sim (DESIGN.md 5),
-against a float64 PyTorch implementation of eq. 8 written here; and the simulator's launch checks
-(the dynamic shared memory limit and its opt-in, per simulated arch).
+"""The FDN CUDA kernels (csrc/kernels/fdn.cuh), run on the CPU through tests/cuda_sim
+(docs/testing.md, "The CUDA simulator"), against a float64 PyTorch implementation of eq. 8 written
+here; and the simulator's launch checks (the dynamic shared memory limit and its opt-in, per
+simulated arch).
 
 Every kernel call runs in a forked child with a timeout: a kernel that hangs fails its test instead
 of blocking the suite (the simulator itself aborts at once on a barrier or shuffle that not every

@@ -1,6 +1,7 @@
 """The Kronecker LoRA CUDA kernels (csrc/kernels/kron_lora.cuh) run on the CPU through tests/cuda_sim
-(DESIGN.md 5), against a float64 reference written here that builds dW = sum_t A_t kron (U_t V_t)
-with torch.kron (the one place dW is built on the linear path) and differentiates it with autograd.
+(docs/testing.md, "The CUDA simulator"), against a float64 reference written here that builds
+dW = sum_t A_t kron (U_t V_t) with torch.kron (the one place dW is built on the linear path) and
+differentiates it with autograd.
 
 Covered: the fused forward (with and without accumulating onto a base y, tmat/smat written out), the
 fused backward (saved or recomputed tmat, dx accumulated or written, any subset of dx/dA and the

@@ -1,4 +1,4 @@
-"""lowrank_proj (eq. 2, DESIGN.md 2.3) on every CPU backend: outputs and gradients against K separate
+"""lowrank_proj (eq. 2, docs/method.md) on every CPU backend: outputs and gradients against K separate
 low-rank products in fp64, fp64 gradcheck, opcheck, torch.compile, what autograd saves, bad input."""
 
 from __future__ import annotations

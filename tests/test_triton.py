@@ -25,7 +25,7 @@ import torch
 
 import elr_ext
 from elr_ext import backends, reference
-from helpers import assert_close_to_ref
+from helpers import EMPTY_FDN_CASES, assert_close_to_ref, check_fdn_on_empty_groups
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if backends.unavailable_reason("triton", "cuda") is None else "cpu"
@@ -170,6 +170,15 @@ def test_fdn_backward_computes_only_what_is_needed(needs):
             t.requires_grad_(need)
         run_triton(elr_ext.fdn, z, gamma, beta, num_groups=4, activation="silu").sum().backward()
         assert [t.grad is not None for t in (z, gamma, beta)] == list(needs)
+
+
+@kernels_here
+@pytest.mark.parametrize("case", EMPTY_FDN_CASES)
+def test_fdn_empty_groups_have_the_statistics_of_a_constant(case, triton_calls):
+    """What every backend gives for H * W == 0 or C == 0 (tests/test_fdn.py checks the others)."""
+    for dtype, activation, eps in ((torch.float32, None, 1e-5), (torch.bfloat16, "silu", 1e-6)):
+        check_fdn_on_empty_groups("triton", case, dtype, activation, eps, poisoned_allocations, DEVICE)
+    assert triton_calls["fdn.forward"] == 4 and triton_calls["fdn.backward"] == 2
 
 
 @kernels_here

@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fdn_forward_cpu_op(const at::Tens
   const at::Tensor gc = fdn_contiguous(gamma, s, true);
   const at::Tensor bc = fdn_contiguous(beta, s, true);
   at::Tensor out = at::empty(z.sizes(), z.options().memory_format(fdn_memory_format(s.layout)));
-  const auto stat_options = z.options().dtype(fdn_stat_dtype(z.scalar_type()));
+  const auto stat_options = z.options().dtype(accumulation_dtype(z.scalar_type()));
   at::Tensor mean = at::empty({s.N, s.G}, stat_options);
   at::Tensor rstd = at::empty({s.N, s.G}, stat_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "fdn_forward_cpu", [&] {

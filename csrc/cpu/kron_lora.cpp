@@ -29,10 +29,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_lora_forward_cpu_op(
     const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& U_in, const at::Tensor& V_in,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double scale,
     bool save_intermediates) {
-  constexpr const char* op = "kron_lora_forward";
-  const KronShape s = kron_make_shape(op, x_in, A_in, U_in, V_in);
-  kron_check_base(op, s, x_in, weight, bias);
-  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
+  const KronForwardInputs in = kron_forward_inputs(x_in, A_in, U_in, V_in, weight, bias);
+  const KronShape& s = in.s;
+  const at::Tensor &x = in.x, &A = in.A, &U = in.U, &V = in.V;
 
   // The base product first; the Kronecker term is then added onto it in place.
   KronForwardOutputs out = kron_forward_outputs(s, x, weight, bias, save_intermediates);
@@ -52,20 +51,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& U_in,
     const at::Tensor& V_in, const at::Tensor& tmat_in, const at::Tensor& smat_in,
     const std::optional<at::Tensor>& weight, double scale, std::array<bool, 6> output_mask) {
-  constexpr const char* op = "kron_lora_backward";
-  const KronShape s = kron_make_shape(op, x_in, A_in, U_in, V_in);
-  kron_check_base(op, s, x_in, weight, std::nullopt);
-  kron_check_backward(op, s, x_in, grad_y_in, tmat_in, smat_in);
-  const at::Tensor gy = grad_y_in.contiguous(), x = x_in.contiguous();
-  const at::Tensor A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
+  const KronBackwardInputs in = kron_backward_inputs(grad_y_in, x_in, A_in, U_in, V_in, tmat_in, smat_in, weight);
+  const KronShape& s = in.s;
+  const at::Tensor &gy = in.grad_y, &x = in.x, &A = in.A, &U = in.U, &V = in.V;
   // dx starts as the base gradient; the Kronecker part is added in place.
   KronBackwardOutputs g = kron_backward_outputs(s, gy, x, weight, output_mask);
   at::Tensor &dx = g.dx, &dA = g.dA, &dU = g.dU, &dV = g.dV, &dweight = g.dweight, &dbias = g.dbias;
   const bool accumulate_dx = g.accumulate_dx;
   if (!dx.defined() && !dA.defined() && !dU.defined() && !dV.defined()) return {dx, dA, dU, dV, dweight, dbias};
   // (M == 0: the kernel zeroes dA, dU, dV, the sums over no tokens.)
-  const at::Tensor tmat = kron_has_intermediate(tmat_in) ? tmat_in.contiguous() : at::Tensor();
-  const at::Tensor smat = kron_has_intermediate(smat_in) ? smat_in.contiguous() : at::Tensor();
+  const at::Tensor tmat = kron_saved_intermediate(tmat_in), smat = kron_saved_intermediate(smat_in);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kron_lora_backward_cpu", [&] {
     kron_lora_backward_cpu<scalar_t>(s, cptr<scalar_t>(gy), cptr<scalar_t>(x), cptr<scalar_t>(A), cptr<scalar_t>(U),
@@ -98,11 +93,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_delta_backward_cpu_op(const 
   kron_check_delta_grad(op, s, grad_in, A_in);
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
-  const auto opts = A.options();
-  at::Tensor dA = output_mask[0] ? at::empty({s.T, s.a1, s.a2}, opts) : at::Tensor();
-  at::Tensor dU = output_mask[1] ? at::empty({s.T, s.b1, s.r}, opts) : at::Tensor();
-  at::Tensor dV = output_mask[2] ? at::empty({s.T, s.r, s.b2}, opts) : at::Tensor();
-  if (!dA.defined() && !dU.defined() && !dV.defined()) return {dA, dU, dV};
+  KronDeltaGrads g = kron_delta_grad_outputs(s, A, output_mask);
+  at::Tensor &dA = g.dA, &dU = g.dU, &dV = g.dV;
+  if (!g.any()) return {dA, dU, dV};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "kron_delta_backward_cpu", [&] {
     kron_delta_backward_cpu<scalar_t>(s, cptr<scalar_t>(grad), cptr<scalar_t>(A), cptr<scalar_t>(U),
                                       cptr<scalar_t>(V), mptr<scalar_t>(dA), mptr<scalar_t>(dU), mptr<scalar_t>(dV),

@@ -1,4 +1,4 @@
-// Fused low-rank projections (DESIGN.md 2.3) for CPU tensors: the checks of csrc/lowrank_proj_args.h,
+// Fused low-rank projections (eq. 2, docs/method.md) for CPU tensors: the checks of csrc/lowrank_proj_args.h,
 // then the GEMM sequence of csrc/lowrank_proj_gemm.h on the BLAS behind at::mm (no custom kernel:
 // the op is GEMMs only). Implements the elr_ext_native::lowrank_proj_forward / lowrank_proj_backward
 // schemas of csrc/ops.cpp with the semantics of the CUDA wrapper (csrc/cuda/lowrank_proj.cu).
@@ -18,20 +18,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> lowrank_proj_forward_cpu_op(cons
                                                                            at::TensorList downs,
                                                                            at::TensorList ups,
                                                                            at::TensorList biases) {
-  constexpr const char* op = "lowrank_proj_forward";
-  const LowRankShape s = lowrank_make_shape(op, x, downs, ups);
-  lowrank_check_biases(op, s, x, biases);
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  const LowRankShape s = lowrank_forward_shape(x, downs, ups, biases, at::kCPU);
   return lowrank_proj_forward_gemm(s, x, downs, ups, biases);
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> lowrank_proj_backward_cpu_op(
     at::TensorList grad_ys, const at::Tensor& x, const at::Tensor& h, at::TensorList downs, at::TensorList ups,
     bool needs_x, bool needs_downs, c10::List<bool> needs_ups, c10::List<bool> needs_biases) {
-  constexpr const char* op = "lowrank_proj_backward";
-  const LowRankShape s = lowrank_make_shape(op, x, downs, ups);
-  lowrank_check_backward(op, s, x, grad_ys, h, needs_ups.size(), needs_biases.size());
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  const LowRankShape s =
+      lowrank_backward_shape(grad_ys, x, h, downs, ups, needs_ups.size(), needs_biases.size(), at::kCPU);
   return lowrank_proj_backward_gemm(s, grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups.vec(),
                                     needs_biases.vec());
 }

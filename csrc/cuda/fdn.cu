@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fdn_forward_cuda_op(const at::Ten
   const at::Tensor beta = fdn_contiguous(beta_in, s, true);
 
   at::Tensor out = at::empty(z.sizes(), z.options().memory_format(fdn_memory_format(s.layout)));
-  const auto stat_options = z.options().dtype(fdn_stat_dtype(z.scalar_type()));
+  const auto stat_options = z.options().dtype(accumulation_dtype(z.scalar_type()));
   if (s.numel() == 0) {  // H * W == 0: statistics of an empty group, as of a constant one
     return {out, at::zeros({s.N, s.G}, stat_options), at::full({s.N, s.G}, 1.0 / std::sqrt(eps), stat_options)};
   }

@@ -58,12 +58,12 @@ at::Tensor v_cat(const at::Tensor& V, const KronShape& s) { return V.view({s.ran
 // a @ b with fp32 accumulation and an fp32 result for fp16/bf16 (the accumulation dtype of the
 // kernels); in the inputs' dtype otherwise.
 at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
-  const auto st = a.scalar_type();
-  return st == at::kHalf || st == at::kBFloat16 ? at::mm(a, b, at::kFloat) : at::mm(a, b);
+  const auto acc = accumulation_dtype(a.scalar_type());
+  return acc != a.scalar_type() ? at::mm(a, b, acc) : at::mm(a, b);
 }
 at::Tensor bmm_acc(const at::Tensor& a, const at::Tensor& b) {
-  const auto st = a.scalar_type();
-  return st == at::kHalf || st == at::kBFloat16 ? at::bmm(a, b, at::kFloat) : at::bmm(a, b);
+  const auto acc = accumulation_dtype(a.scalar_type());
+  return acc != a.scalar_type() ? at::bmm(a, b, acc) : at::bmm(a, b);
 }
 
 // dU[t, k, s] = scale * sum_rows smat[row, t*r + s] dy[row, k]: [T*r, b1] = smat^T dy, then the
@@ -78,8 +78,8 @@ void grad_U(const KronShape& s, const at::Tensor& smat2, const at::Tensor& gy2, 
 // dt2 [M*a2, T*r], x2 [M*a2, b2].
 void grad_V(const KronShape& s, const at::Tensor& dt2, const at::Tensor& x2, at::Tensor& dV) {
   at::Tensor dv2 = dV.view({s.rank_cols(), s.b2});
-  if (dt2.scalar_type() == at::kHalf || dt2.scalar_type() == at::kBFloat16) {
-    dv2.copy_(at::mm(dt2.t(), x2, at::kFloat));
+  if (accumulation_dtype(dt2.scalar_type()) != dt2.scalar_type()) {
+    dv2.copy_(mm_acc(dt2.t(), x2));
   } else {
     at::mm_out(dv2, dt2.t(), x2);
   }
@@ -177,12 +177,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_lora_forward_cuda_op(
     const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& U_in, const at::Tensor& V_in,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double scale,
     bool save_intermediates) {
-  constexpr const char* op = "kron_lora_forward";
-  check_cuda_input(op, "x", x_in);
-  const KronShape s = kron_make_shape(op, x_in, A_in, U_in, V_in);
-  kron_check_base(op, s, x_in, weight, bias);
+  check_cuda_input("kron_lora_forward", "x", x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous(), A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
+  const KronForwardInputs in = kron_forward_inputs(x_in, A_in, U_in, V_in, weight, bias);
+  const KronShape& s = in.s;
+  const at::Tensor &x = in.x, &A = in.A, &U = in.U, &V = in.V;
 
   // The base product first (cuBLAS); the Kronecker term is then added onto it in place.
   KronForwardOutputs out = kron_forward_outputs(s, x, weight, bias, save_intermediates);
@@ -212,14 +211,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& A_in, const at::Tensor& U_in,
     const at::Tensor& V_in, const at::Tensor& tmat_in, const at::Tensor& smat_in,
     const std::optional<at::Tensor>& weight, double scale, std::array<bool, 6> output_mask) {
-  constexpr const char* op = "kron_lora_backward";
-  check_cuda_input(op, "x", x_in);
-  const KronShape s = kron_make_shape(op, x_in, A_in, U_in, V_in);
-  kron_check_base(op, s, x_in, weight, std::nullopt);
-  kron_check_backward(op, s, x_in, grad_y_in, tmat_in, smat_in);
+  check_cuda_input("kron_lora_backward", "x", x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor gy = grad_y_in.contiguous(), x = x_in.contiguous();
-  const at::Tensor A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
+  const KronBackwardInputs in = kron_backward_inputs(grad_y_in, x_in, A_in, U_in, V_in, tmat_in, smat_in, weight);
+  const KronShape& s = in.s;
+  const at::Tensor &gy = in.grad_y, &x = in.x, &A = in.A, &U = in.U, &V = in.V;
   // dx starts as the base gradient; the Kronecker part is added in place.
   KronBackwardOutputs g = kron_backward_outputs(s, gy, x, weight, output_mask);
   at::Tensor &dx = g.dx, &dA = g.dA, &dU = g.dU, &dV = g.dV, &dweight = g.dweight, &dbias = g.dbias;
@@ -231,8 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return {dx, dA, dU, dV, dweight, dbias};
   }
   if (!dx.defined() && !dA.defined() && !dU.defined() && !dV.defined()) return {dx, dA, dU, dV, dweight, dbias};
-  const at::Tensor tmat = kron_has_intermediate(tmat_in) ? tmat_in.contiguous() : at::Tensor();
-  const at::Tensor smat = kron_has_intermediate(smat_in) ? smat_in.contiguous() : at::Tensor();
+  const at::Tensor tmat = kron_saved_intermediate(tmat_in), smat = kron_saved_intermediate(smat_in);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kron_lora_backward_cuda", [&] {
@@ -275,11 +270,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kron_delta_backward_cuda_op(const
   const c10::cuda::CUDAGuard guard(A_in.device());
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor A = A_in.contiguous(), U = U_in.contiguous(), V = V_in.contiguous();
-  const auto opts = A.options();
-  at::Tensor dA = output_mask[0] ? at::empty({s.T, s.a1, s.a2}, opts) : at::Tensor();
-  at::Tensor dU = output_mask[1] ? at::empty({s.T, s.b1, s.r}, opts) : at::Tensor();
-  at::Tensor dV = output_mask[2] ? at::empty({s.T, s.r, s.b2}, opts) : at::Tensor();
-  if (!dA.defined() && !dU.defined() && !dV.defined()) return {dA, dU, dV};
+  KronDeltaGrads g = kron_delta_grad_outputs(s, A, output_mask);
+  at::Tensor &dA = g.dA, &dU = g.dU, &dV = g.dV;
+  if (!g.any()) return {dA, dU, dV};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "kron_delta_backward_cuda", [&] {
     using T = typename CudaType<scalar_t>::type;

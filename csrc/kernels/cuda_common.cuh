@@ -40,7 +40,7 @@ typedef unsigned long uintptr_t;
 #include <initializer_list>
 #endif
 
-#include "fdn_common.h"  // acc_t<T>: the accumulation type, shared with the CPU kernels
+#include "accumulate.h"  // acc_t<T>: the accumulation type, shared with the CPU kernels
 
 #if defined(ELR_CUDA_SIM)
 #ifndef ELR_LAUNCH

@@ -34,13 +34,7 @@
 // std headers, no host launch code).
 #pragma once
 
-#ifndef ELR_EXT_NVRTC
-#include <cstddef>
-#include <cstdint>
-#include <initializer_list>
-#endif
-
-#include "cuda_common.cuh"
+#include "cuda_common.cuh"  // first: the std headers (or NVRTC's fixed-width types) and acc_t<T>
 #include "fdn_common.h"
 
 namespace elr {

@@ -29,15 +29,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "accumulate.h"
+#include "cpu_isa.h"
 #include "fdn_common.h"
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__CUDACC__)
-#define ELR_FDN_X86_DISPATCH 1
+#if ELR_X86_DISPATCH
 #define ELR_FDN_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define ELR_FDN_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,prefer-vector-width=512")))
-#else
-#define ELR_FDN_X86_DISPATCH 0
 #endif
 
 #if defined(__GNUC__)
@@ -55,27 +54,9 @@
 
 namespace elr {
 
-enum class CpuIsa : int { Generic = 0, Avx2 = 1, Avx512 = 2 };
-
 namespace fdn_detail {
 
-// The best ISA this CPU runs. A reference so that tests (and benchmarks) can lower it to cover
-// every compiled path; kernels read it at each call.
-inline CpuIsa& cpu_isa_limit() {
-  static CpuIsa isa = [] {
-#if ELR_FDN_X86_DISPATCH
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-      return CpuIsa::Avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return CpuIsa::Avx2;
-#endif
-    return CpuIsa::Generic;
-  }();
-  return isa;
-}
-
-#if ELR_FDN_X86_DISPATCH
+#if ELR_X86_DISPATCH
 template <typename Body>
 ELR_FDN_TARGET_AVX2 void run_avx2(const Body& body, int64_t begin, int64_t end) {
   body(begin, end);
@@ -91,7 +72,7 @@ ELR_FDN_TARGET_AVX512 void run_avx512(const Body& body, int64_t begin, int64_t e
 // into the ISA-specific instantiation.
 template <typename Body>
 void run_with_isa(CpuIsa isa, const Body& body, int64_t begin, int64_t end) {
-#if ELR_FDN_X86_DISPATCH
+#if ELR_X86_DISPATCH
   if (isa == CpuIsa::Avx512) return run_avx512(body, begin, end);
   if (isa == CpuIsa::Avx2) return run_avx2(body, begin, end);
 #endif

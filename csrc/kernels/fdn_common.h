@@ -36,17 +36,4 @@ struct FdnShape {
   int64_t numel() const { return N * C * HW; }
 };
 
-// Statistics (mean, rstd) and all reductions are kept in AccType: fp32 for fp32/fp16/bf16 inputs,
-// fp64 for fp64 inputs (so fp64 gradcheck sees fp64 math end to end).
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccType<T>::type;
-
 }  // namespace elr

@@ -47,7 +47,7 @@
 // those land in one bank. tests/test_cuda_launch_plans.py computes the bank-conflict degree of each
 // pattern from the index helpers below (tile_index, a_index, grad_a_coord).
 //
-// Performance intent (not measured here; no GPU on the development machines): the fused kernels
+// Performance intent (the design's expectation, not yet timed on a GPU): the fused kernels
 // stream x / dy / y / dx with 128-bit accesses when the rows allow it, keep ds and the dt of dx
 // on chip, and do 2*T*r*(d_in + d_out) + 2*T*r*a1*a2 FLOPs per token on the SIMT pipes against
 // the base GEMM's 2*d_in*d_out on tensor cores (a tensor-core micro-kernel for fp16/bf16 would slot
@@ -59,12 +59,7 @@
 // the host launchers, the grid table and the explicit instantiations need the runtime API.
 #pragma once
 
-#ifndef ELR_EXT_NVRTC
-#include <cstddef>
-#include <cstdint>
-#endif
-
-#include "cuda_common.cuh"
+#include "cuda_common.cuh"  // first: the std headers (or NVRTC's fixed-width types) and acc_t<T>
 #include "kron_lora_common.h"
 
 namespace elr {

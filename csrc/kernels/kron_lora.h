@@ -44,15 +44,13 @@
 #include <type_traits>
 #include <vector>
 
-#include "fdn_common.h"  // acc_t<T>, shared by every CPU and CUDA kernel
+#include "accumulate.h"
+#include "cpu_isa.h"
 #include "kron_lora_common.h"
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__CUDACC__)
-#define ELR_KRON_X86_DISPATCH 1
+#if ELR_X86_DISPATCH
 #define ELR_KRON_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define ELR_KRON_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
-#else
-#define ELR_KRON_X86_DISPATCH 0
 #endif
 
 #if defined(__GNUC__)
@@ -100,36 +98,18 @@ void kron_delta_backward_cpu(const KronShape& s, const T* grad, const T* A, cons
 
 namespace kron_cpu_detail {
 
-// ---- ISA dispatch ---------------------------------------------------------------------------------
-enum class Isa : int { Generic = 0, Avx2 = 1, Avx512 = 2 };
+// ---- ISA dispatch (cpu_isa.h) ---------------------------------------------------------------------
+template <CpuIsa I>
+using IsaTag = std::integral_constant<CpuIsa, I>;
 
-// The best ISA this CPU runs. A reference so that the unit tests can lower it to cover every
-// compiled path; kernels read it at each call.
-inline Isa& isa_limit() {
-  static Isa isa = [] {
-#if ELR_KRON_X86_DISPATCH
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-      return Isa::Avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
-#endif
-    return Isa::Generic;
-  }();
-  return isa;
-}
-
-template <Isa I>
-using IsaTag = std::integral_constant<Isa, I>;
-
-#if ELR_KRON_X86_DISPATCH
+#if ELR_X86_DISPATCH
 template <typename Body>
 ELR_KRON_TARGET_AVX2 void run_avx2(const Body& body, int64_t begin, int64_t end) {
-  body(IsaTag<Isa::Avx2>{}, begin, end);
+  body(IsaTag<CpuIsa::Avx2>{}, begin, end);
 }
 template <typename Body>
 ELR_KRON_TARGET_AVX512 void run_avx512(const Body& body, int64_t begin, int64_t end) {
-  body(IsaTag<Isa::Avx512>{}, begin, end);
+  body(IsaTag<CpuIsa::Avx512>{}, begin, end);
 }
 #endif
 
@@ -139,12 +119,12 @@ ELR_KRON_TARGET_AVX512 void run_avx512(const Body& body, int64_t begin, int64_t 
 // allocated outside the body.
 template <typename Body>
 void run_with_isa(const Body& body, int64_t begin, int64_t end) {
-#if ELR_KRON_X86_DISPATCH
-  const Isa isa = isa_limit();
-  if (isa == Isa::Avx512) return run_avx512(body, begin, end);
-  if (isa == Isa::Avx2) return run_avx2(body, begin, end);
+#if ELR_X86_DISPATCH
+  const CpuIsa isa = cpu_isa_limit();
+  if (isa == CpuIsa::Avx512) return run_avx512(body, begin, end);
+  if (isa == CpuIsa::Avx2) return run_avx2(body, begin, end);
 #endif
-  body(IsaTag<Isa::Generic>{}, begin, end);
+  body(IsaTag<CpuIsa::Generic>{}, begin, end);
 }
 
 // ---- Small register-tiled GEMM ------------------------------------------------------------------
@@ -194,18 +174,18 @@ constexpr int64_t kVec = 32 / sizeof(A);
 
 // Register tile (rows x vectors) per ISA: 24 accumulators of the 32 vector registers with AVX-512,
 // 12 of 16 with AVX2, 8 two-register halves of 16 with SSE2.
-template <Isa I>
+template <CpuIsa I>
 struct Tile;
 template <>
-struct Tile<Isa::Avx512> {
+struct Tile<CpuIsa::Avx512> {
   static constexpr int MR = 6, NV = 4;
 };
 template <>
-struct Tile<Isa::Avx2> {
+struct Tile<CpuIsa::Avx2> {
   static constexpr int MR = 3, NV = 4;
 };
 template <>
-struct Tile<Isa::Generic> {
+struct Tile<CpuIsa::Generic> {
   static constexpr int MR = 2, NV = 2;
 };
 
@@ -332,7 +312,7 @@ ELR_KRON_INLINE void gemm_strip(int64_t M, int64_t n0, int64_t K, const A* a, in
 // with leading dimension ldb, C with ldc. Column strips outermost, so a strip of B is reused by
 // every row tile. Accumulation over k runs in order whatever the tile, so each element's value
 // does not depend on where it falls in the tiling. pf (nullable) is stepped once per k of every tile.
-template <Isa I, typename A>
+template <CpuIsa I, typename A>
 ELR_KRON_INLINE void small_gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t sai, int64_t sak, const A* b,
                                 int64_t ldb, A* c, int64_t ldc, A alpha, bool accumulate, Prefetcher* pf = nullptr) {
   constexpr int MR = Tile<I>::MR, NV = Tile<I>::NV;
@@ -404,16 +384,16 @@ ELR_KRON_INLINE void round_to_t(A* v, int64_t n) {
 // vector lanes: C_j(x, y) (+)= sum_{k < K} P_j(x, k) Q_j(y, k) with
 //   P_j(x, k) = p[x * px + k * pk + j],  Q_j(y, k) = q[y * qy + k * qk + j],  C_j(x, y) = c[x * cx + y * cy + j].
 // A BX x BY register tile of vectors (one per (x, y)) loads BX + BY vectors per k for BX * BY FMAs.
-template <Isa I>
+template <CpuIsa I>
 struct LaneTile {
   static constexpr int BX = 4, BY = 4;
 };
 template <>
-struct LaneTile<Isa::Avx2> {
+struct LaneTile<CpuIsa::Avx2> {
   static constexpr int BX = 2, BY = 4;
 };
 template <>
-struct LaneTile<Isa::Generic> {
+struct LaneTile<CpuIsa::Generic> {
   static constexpr int BX = 2, BY = 2;
 };
 
@@ -454,7 +434,7 @@ ELR_KRON_INLINE void lane_band(int64_t Y, const A* p, int64_t px, int64_t pk, co
 }
 
 // All C_j(x, y), x < X, y < Y, j < n; the sum over k runs in order for every element.
-template <Isa I, typename A>
+template <CpuIsa I, typename A>
 ELR_KRON_INLINE void lane_gemm(int64_t X, int64_t Y, int64_t K, int64_t n, const A* p, int64_t px, int64_t pk,
                                const A* q, int64_t qy, int64_t qk, A* c, int64_t cx, int64_t cy, bool accumulate) {
   constexpr int BX = LaneTile<I>::BX, BY = LaneTile<I>::BY;
@@ -476,7 +456,7 @@ ELR_KRON_INLINE void lane_gemm(int64_t X, int64_t Y, int64_t K, int64_t n, const
 }
 
 // smat rows of nt tokens: sb[m, i, j] = sum_p aexp[i, p, j] tb[m, p, j], rounded to T.
-template <Isa I, typename T, typename A>
+template <CpuIsa I, typename T, typename A>
 ELR_KRON_INLINE void mix_forward_rows(const KronShape& s, const A* aexp, const A* tb, int64_t nt, A* sb) {
   const int64_t R = s.rank_cols(), a1 = s.a1, a2 = s.a2;
   lane_gemm<I>(nt, a1, a2, R, tb, a2 * R, R, aexp, a2 * R, R, sb, a1 * R, R, false);
@@ -485,7 +465,7 @@ ELR_KRON_INLINE void mix_forward_rows(const KronShape& s, const A* aexp, const A
 
 // dt rows of nt tokens (dtb nullable): dtb[m, p, j] = sum_i aexpt[p, i, j] dsb[m, i, j]; and (g
 // nullable) g[i, p, j] += sum_m dsb[m, i, j] tb[m, p, j].
-template <Isa I, typename A>
+template <CpuIsa I, typename A>
 ELR_KRON_INLINE void mix_backward_rows(const KronShape& s, const A* aexpt, const A* dsb, const A* tb, int64_t nt,
                                        A* dtb, A* g) {
   const int64_t R = s.rank_cols(), a1 = s.a1, a2 = s.a2;
@@ -579,7 +559,7 @@ struct Scratch {
 };
 
 // tmat rows of the nt tokens at x block xb: tb = X vt, rounded to T.
-template <Isa I, typename T, typename A>
+template <CpuIsa I, typename T, typename A>
 ELR_KRON_INLINE void tmat_rows(const KronShape& s, const Factors<A>& f, const A* xb, int64_t nt, A* tb,
                                Prefetcher* pf) {
   const int64_t R = s.rank_cols(), rows = nt * s.a2;
@@ -651,6 +631,355 @@ std::vector<A> delta_product(const KronShape& s, const A* U, const A* V, const P
   return B;
 }
 
+// ---- The fused backward, step by step (kron_lora_backward_cpu) ----------------------------------
+// Which rank-space values the requested gradients need.
+struct BackwardNeeds {
+  bool ds;  // ds = scale * dY uct: for dx, dA and dV
+  bool dt;  // dt, the mixing's backward of ds: for dx and dV
+  bool t;   // tmat rows: for dA, and for dU when smat is recomputed from them
+  bool x;   // X rows: for dV, and to recompute tmat
+};
+inline BackwardNeeds backward_needs(bool has_tmat, bool has_smat, bool dx, bool dA, bool dU, bool dV) {
+  BackwardNeeds n;
+  n.ds = dx || dA || dV;
+  n.dt = dx || dV;
+  n.t = dA || (dU && !has_smat);
+  n.x = dV || (n.t && !has_tmat);
+  return n;
+}
+
+// The backward's token chunks and their partial sums. Chunk c covers tokens [c * per_chunk,
+// (c + 1) * per_chunk) (whole blocks; fixed by the shape, not the thread count) and owns n_part
+// partial sums: dU_cat [R, b1] (n_du values), dV_cat [R, b2] (n_dv), dA as [a1, a2, R] (n_da).
+struct BackwardChunks {
+  int64_t n_du, n_dv, n_da, n_part, per_chunk, chunks;
+};
+inline BackwardChunks backward_chunks(const KronShape& s, int64_t mb, bool dU, bool dV, bool dA) {
+  const int64_t R = s.rank_cols();
+  BackwardChunks c;
+  c.n_du = dU ? R * s.b1 : 0;
+  c.n_dv = dV ? R * s.b2 : 0;
+  c.n_da = dA ? s.a1 * s.a2 * R : 0;
+  c.n_part = c.n_du + c.n_dv + c.n_da;
+  const int64_t blocks = ceil_div(s.M, mb);
+  const int64_t max_chunks =
+      clamp64(std::min(blocks / kMinChunkBlocks, kPartialBudget / std::max<int64_t>(c.n_part, 1)), 1, kMaxChunks);
+  c.per_chunk = ceil_div(blocks, max_chunks) * mb;
+  c.chunks = ceil_div(s.M, c.per_chunk);
+  return c;
+}
+
+// One block of nt tokens from token m0: its rows of the big operands (x, dx nullable), dY and X as
+// acc values, and the size of the chunk's next block (0 at the chunk's end).
+template <typename T, typename A>
+struct BackwardBlock {
+  int64_t m0, nt, nt_next, rows_in, rows_out;
+  const T* dy;
+  const T* x;
+  T* dx;
+  const A* dyb;
+  const A* xb;
+};
+
+// The operands of one backward call and its steps, run per block of tokens inside run_with_isa
+// (every step ELR_KRON_INLINE, so that each is compiled for the caller's ISA).
+template <typename T, typename A>
+struct BackwardPass {
+  const KronShape& s;
+  const Factors<A>& f;
+  const T *dy, *x, *tmat, *smat;
+  T* dx;
+  bool accumulate_dx, want_dU, want_dV;
+  BackwardNeeds need;
+  int64_t mb, group;
+  A alpha;
+
+  // The per-task block buffers (acc copies of x, dy, dx for converted types; the rank-space rows).
+  Scratch<A> scratch() const {
+    constexpr bool native = kNative<T, A>;
+    const int64_t R = s.rank_cols(), d_in = s.d_in(), d_out = s.d_out();
+    return Scratch<A>(need.x && !native ? mb * d_in : 0, native ? 0 : mb * d_out,
+                      dx != nullptr && !native ? mb * d_in : 0, need.t ? mb * s.a2 * R : 0,
+                      want_dU ? mb * s.a1 * R : 0, need.ds ? mb * s.a1 * R : 0, need.dt ? mb * s.a2 * R : 0);
+  }
+
+  // Zeroes chunk c's partial sums, then adds every block of the chunk into them.
+  template <CpuIsa I>
+  ELR_KRON_INLINE void chunk(IsaTag<I> isa, const BackwardChunks& ch, int64_t c, A* partials, Scratch<A>& w,
+                             Prefetcher& pf) const {
+    A* part = partials + c * ch.n_part;
+    std::fill_n(part, ch.n_part, A(0));
+    A* pa = ch.n_da > 0 ? part + ch.n_du + ch.n_dv : nullptr;
+    const int64_t c_end = std::min(s.M, (c + 1) * ch.per_chunk);
+    for (int64_t m0 = c * ch.per_chunk; m0 < c_end; m0 += mb) {
+      const int64_t nt = std::min(mb, c_end - m0);
+      BackwardBlock<T, A> b;
+      b.m0 = m0, b.nt = nt, b.nt_next = std::min(mb, c_end - m0 - nt);
+      b.rows_in = nt * s.a2, b.rows_out = nt * s.a1;
+      b.dy = dy + m0 * s.d_out();
+      b.x = need.x ? x + m0 * s.d_in() : nullptr;
+      b.dx = dx != nullptr ? dx + m0 * s.d_in() : nullptr;
+      b.dyb = as_acc(b.dy, nt * s.d_out(), w.dy);
+      b.xb = need.x ? as_acc(b.x, nt * s.d_in(), w.x) : nullptr;
+      block(isa, b, part, part + ch.n_du, pa, w, pf);
+    }
+  }
+
+  // Every step for one block: the dU_cat partial pu, ds, then dt with the dA partial pa (nullable),
+  // the dV_cat partial pv and dx.
+  template <CpuIsa I>
+  ELR_KRON_INLINE void block(IsaTag<I> isa, const BackwardBlock<T, A>& b, A* pu, A* pv, A* pa, Scratch<A>& w,
+                             Prefetcher& pf) const {
+    pf.clear();
+    prefetch_group<T, A>(pf, b.dy, b.rows_out, s.b1, 0, std::min(group, s.b1), false);
+    const A* tb = need.t ? tmat_block(isa, b, w, pf) : nullptr;
+    const A* sb = want_dU ? smat_block(isa, b, tb, w) : nullptr;
+    dy_products(isa, b, sb, pu, w, pf);
+    if (!need.ds) return;
+    mix_backward_rows<I>(s, f.aexpt.data(), w.ds, tb, b.nt, need.dt ? w.dt : nullptr, pa);
+    if (!need.dt) return;
+    if (want_dV) dv_partial(isa, b, pv, w, pf);
+    if (dx != nullptr) dx_rows(isa, b, w, pf);
+  }
+
+  // The block's tmat rows: the forward's, or recomputed from X exactly as the forward did.
+  template <CpuIsa I>
+  ELR_KRON_INLINE const A* tmat_block(IsaTag<I>, const BackwardBlock<T, A>& b, Scratch<A>& w, Prefetcher& pf) const {
+    if (tmat != nullptr) return as_acc(tmat + b.m0 * s.a2 * s.rank_cols(), b.rows_in * s.rank_cols(), w.t);
+    tmat_rows<I, T>(s, f, b.xb, b.nt, w.t, &pf);
+    return w.t;
+  }
+
+  // The block's smat rows: the forward's, or the A-mixing of its tmat rows tb.
+  template <CpuIsa I>
+  ELR_KRON_INLINE const A* smat_block(IsaTag<I>, const BackwardBlock<T, A>& b, const A* tb, Scratch<A>& w) const {
+    if (smat != nullptr) return as_acc(smat + b.m0 * s.a1 * s.rank_cols(), b.rows_out * s.rank_cols(), w.s);
+    mix_forward_rows<I, T>(s, f.aexp.data(), tb, b.nt, w.s);
+    return w.s;
+  }
+
+  // One pass over dY in column groups, each read by both of its products while cache-hot: the
+  // dU_cat partial [R, b1] += smat^T dY and ds = scale * dY uct (summed group by group). Each group
+  // prefetches the next, the last one X's first group.
+  template <CpuIsa I>
+  ELR_KRON_INLINE void dy_products(IsaTag<I>, const BackwardBlock<T, A>& b, const A* sb, A* pu, Scratch<A>& w,
+                                   Prefetcher& pf) const {
+    const int64_t R = s.rank_cols(), b1 = s.b1, b2 = s.b2;
+    for (int64_t k0 = 0; k0 < b1; k0 += group) {
+      const int64_t g = std::min(group, b1 - k0);
+      pf.clear();
+      if (k0 + g < b1) {
+        prefetch_group<T, A>(pf, b.dy, b.rows_out, b1, k0 + g, std::min(group, b1 - k0 - g), false);
+      } else if (want_dV) {
+        prefetch_group<T, A>(pf, b.x, b.rows_in, b2, 0, std::min(group, b2), false);
+      } else if (dx != nullptr) {
+        prefetch_group<T, A>(pf, b.dx, b.rows_in, b2, 0, std::min(group, b2), true);
+      } else {
+        prefetch_next_block(b, pf);
+      }
+      if (want_dU) small_gemm<I>(R, g, b.rows_out, sb, 1, R, b.dyb + k0, b1, pu + k0, b1, A(1), true, &pf);
+      if (need.ds)
+        small_gemm<I>(b.rows_out, R, g, b.dyb + k0, b1, 1, f.uct.data() + k0 * R, R, w.ds, R, alpha, k0 > 0, &pf);
+    }
+  }
+
+  // The dV_cat partial [R, b2] += dt^T X, in column groups of X.
+  template <CpuIsa I>
+  ELR_KRON_INLINE void dv_partial(IsaTag<I>, const BackwardBlock<T, A>& b, A* pv, Scratch<A>& w,
+                                  Prefetcher& pf) const {
+    const int64_t R = s.rank_cols(), b2 = s.b2;
+    for (int64_t q0 = 0; q0 < b2; q0 += group) {
+      const int64_t g = std::min(group, b2 - q0);
+      prefetch_after_group(b, q0 + g, /*x_side=*/true, pf);
+      small_gemm<I>(R, g, b.rows_in, w.dt, 1, R, b.xb + q0, b2, pv + q0, b2, A(1), true, &pf);
+    }
+  }
+
+  // dx (+)= dt vc for the block's rows, in column groups of dx.
+  template <CpuIsa I>
+  ELR_KRON_INLINE void dx_rows(IsaTag<I>, const BackwardBlock<T, A>& b, Scratch<A>& w, Prefetcher& pf) const {
+    const int64_t R = s.rank_cols(), b2 = s.b2;
+    A* dxb = dest(b.dx, w.out);
+    if (!kNative<T, A> && accumulate_dx) as_acc(b.dx, b.nt * s.d_in(), dxb);
+    for (int64_t q0 = 0; q0 < b2; q0 += group) {
+      const int64_t g = std::min(group, b2 - q0);
+      prefetch_after_group(b, q0 + g, /*x_side=*/false, pf);
+      small_gemm<I>(b.rows_in, g, R, w.dt, R, 1, f.vc.data() + q0, b2, dxb + q0, b2, A(1), accumulate_dx, &pf);
+    }
+    store(b.dx, dxb, b.nt * s.d_in());
+  }
+
+  // The next block's first reads (its first group of dY and its saved tmat / smat rows), fetched
+  // while this block's last column group computes.
+  void prefetch_next_block(const BackwardBlock<T, A>& b, Prefetcher& pf) const {
+    pf.clear();
+    if (b.nt_next <= 0) return;
+    const int64_t m1 = b.m0 + b.nt, R = s.rank_cols();
+    prefetch_group<T, A>(pf, dy + m1 * s.d_out(), b.nt_next * s.a1, s.b1, 0, std::min(group, s.b1), false);
+    if (want_dU && smat != nullptr)
+      prefetch_group<T, A>(pf, smat + m1 * s.a1 * R, 1, 0, 0, b.nt_next * s.a1 * R, false);
+    if (need.t && tmat != nullptr)
+      prefetch_group<T, A>(pf, tmat + m1 * s.a2 * R, 1, 0, 0, b.nt_next * s.a2 * R, false);
+  }
+
+  // After the column group of X (x_side) or dx that ends at q_next: the next group of the same loop,
+  // else the first of the dx loop, else the next block's first reads.
+  void prefetch_after_group(const BackwardBlock<T, A>& b, int64_t q_next, bool x_side, Prefetcher& pf) const {
+    pf.clear();
+    const int64_t b2 = s.b2;
+    if (q_next < b2) {
+      const int64_t g_next = std::min(group, b2 - q_next);
+      if (x_side) prefetch_group<T, A>(pf, b.x, b.rows_in, b2, q_next, g_next, false);
+      else prefetch_group<T, A>(pf, b.dx, b.rows_in, b2, q_next, g_next, true);
+    } else if (x_side && dx != nullptr) {
+      prefetch_group<T, A>(pf, b.dx, b.rows_in, b2, 0, std::min(group, b2), true);
+    } else {
+      prefetch_next_block(b, pf);
+    }
+  }
+};
+
+// dU and dV from the chunks' partial sums, added in chunk order kReduce elements at a time
+// (vectorised over the elements): dU[t, k, s] = alpha * dU_cat[t*r + s, k]; dV_cat is dV's layout.
+template <typename T, typename A, typename ParallelFor>
+void reduce_dU_dV(const KronShape& s, const BackwardChunks& ch, const A* partials, A alpha, T* dU, T* dV,
+                  const ParallelFor& pfor) {
+  constexpr int64_t kReduce = 256;
+  const int64_t n = ch.n_du + ch.n_dv, b1 = s.b1;
+  pfor(ceil_div(n, kReduce), [&](int64_t begin, int64_t end) {
+    A sum[kReduce];
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t e0 = u * kReduce, len = std::min(kReduce, n - e0);
+      std::copy_n(partials + e0, len, sum);
+      for (int64_t c = 1; c < ch.chunks; ++c) {
+        const A* pc = partials + c * ch.n_part + e0;
+        for (int64_t e = 0; e < len; ++e) sum[e] += pc[e];
+      }
+      for (int64_t e = 0; e < len; ++e) {
+        const int64_t idx = e0 + e;
+        if (idx < ch.n_du) {  // dU_cat[j, k] -> dU[t, k, s]
+          const int64_t j = idx / b1, k = idx % b1, t = j / s.r, q = j % s.r;
+          dU[(t * b1 + k) * s.r + q] = static_cast<T>(sum[e] * alpha);
+        } else {
+          dV[idx - ch.n_du] = static_cast<T>(sum[e]);
+        }
+      }
+    }
+  });
+}
+
+// dA[t, i, p] from the chunks' [a1, a2, R] partials: the sum over chunks and the term's r rank
+// columns, in fp64.
+template <typename T, typename A>
+void reduce_dA(const KronShape& s, const BackwardChunks& ch, const A* partials, T* dA) {
+  const int64_t R = s.rank_cols(), a1 = s.a1, a2 = s.a2;
+  for (int64_t i = 0; i < a1; ++i)
+    for (int64_t p = 0; p < a2; ++p)
+      for (int64_t t = 0; t < s.T; ++t) {
+        double sum = 0.0;
+        for (int64_t c = 0; c < ch.chunks; ++c) {
+          const A* g = partials + c * ch.n_part + ch.n_du + ch.n_dv + (i * a2 + p) * R + t * s.r;
+          for (int64_t q = 0; q < s.r; ++q) sum += static_cast<double>(g[q]);
+        }
+        dA[(t * a1 + i) * a2 + p] = static_cast<T>(static_cast<A>(sum));
+      }
+}
+
+// ---- kron_delta's backward, step by step (kron_delta_backward_cpu) ------------------------------
+// dA[t,i,p] = sum_{k,q} grad[(i*b1+k), (p*b2+q)] B[t,k,q], B = delta_product: one (i, p) per unit,
+// fixed order.
+template <typename T, typename A, typename ParallelFor>
+void delta_grad_A(const KronShape& s, const T* grad, const A* B, T* dA, const ParallelFor& pfor) {
+  const int64_t d_in = s.d_in(), b1 = s.b1, b2 = s.b2, nT = s.T;
+  pfor(s.a1 * s.a2, [&](int64_t begin, int64_t end) {
+    std::vector<A> g_buf(kNative<T, A> ? 0 : b2);
+    std::vector<A> sums(static_cast<size_t>(nT));
+    A* gb = g_buf.data();
+    A* sm = sums.data();
+    run_with_isa(
+        [&](auto, int64_t ub, int64_t ue) ELR_KRON_INLINE_LAMBDA {
+          for (int64_t u = ub; u < ue; ++u) {
+            const int64_t i = u / s.a2, p = u % s.a2;
+            std::fill_n(sm, nT, A(0));
+            for (int64_t k = 0; k < b1; ++k) {
+              const A* g = as_acc(grad + (i * b1 + k) * d_in + p * b2, b2, gb);
+              for (int64_t t = 0; t < nT; ++t) sm[t] += dot(g, B + (t * b1 + k) * b2, b2);
+            }
+            for (int64_t t = 0; t < nT; ++t) dA[(t * s.a1 + i) * s.a2 + p] = static_cast<T>(sm[t]);
+          }
+        },
+        begin, end);
+  });
+}
+
+// dB[t,k,q] = sum_{i,p} grad[(i*b1+k), (p*b2+q)] A[t,i,p] ([T, b1, b2]; Aa: A as acc values): one k
+// per unit (all t at once, so each grad segment is read once).
+template <typename T, typename A, typename ParallelFor>
+std::vector<A> delta_grad_B(const KronShape& s, const T* grad, const A* Aa, const ParallelFor& pfor) {
+  const int64_t d_in = s.d_in(), b1 = s.b1, b2 = s.b2, nT = s.T;
+  std::vector<A> dB_v(static_cast<size_t>(nT * b1 * b2));
+  A* dB = dB_v.data();
+  pfor(b1, [&](int64_t begin, int64_t end) {
+    std::vector<A> g_buf(kNative<T, A> ? 0 : b2);
+    std::vector<A> acc_buf(static_cast<size_t>(nT * b2));
+    A* gb = g_buf.data();
+    A* ab = acc_buf.data();
+    run_with_isa(
+        [&](auto, int64_t kb, int64_t ke) ELR_KRON_INLINE_LAMBDA {
+          for (int64_t k = kb; k < ke; ++k) {
+            std::fill_n(ab, nT * b2, A(0));
+            for (int64_t i = 0; i < s.a1; ++i)
+              for (int64_t p = 0; p < s.a2; ++p) {
+                const A* g = as_acc(grad + (i * b1 + k) * d_in + p * b2, b2, gb);
+                for (int64_t t = 0; t < nT; ++t) axpy(ab + t * b2, Aa[(t * s.a1 + i) * s.a2 + p], g, b2);
+              }
+            for (int64_t t = 0; t < nT; ++t) std::copy_n(ab + t * b2, b2, dB + (t * b1 + k) * b2);
+          }
+        },
+        begin, end);
+  });
+  return dB_v;
+}
+
+// dU[t,k,s] = sum_q dB[t,k,q] V[t,s,q] (Va: V as acc values).
+template <typename T, typename A, typename ParallelFor>
+void delta_grad_U(const KronShape& s, const A* dB, const A* Va, T* dU, const ParallelFor& pfor) {
+  const int64_t b1 = s.b1, b2 = s.b2, r = s.r;
+  pfor(s.T * b1, [&](int64_t begin, int64_t end) {
+    run_with_isa(
+        [&](auto, int64_t ub, int64_t ue) ELR_KRON_INLINE_LAMBDA {
+          for (int64_t tk = ub; tk < ue; ++tk) {
+            const int64_t t = tk / b1;
+            for (int64_t j = 0; j < r; ++j)
+              dU[tk * r + j] = static_cast<T>(dot(dB + tk * b2, Va + (t * r + j) * b2, b2));
+          }
+        },
+        begin, end);
+  });
+}
+
+// dV[t,s,q] = sum_k U[t,k,s] dB[t,k,q] (Ua: U as acc values).
+template <typename T, typename A, typename ParallelFor>
+void delta_grad_V(const KronShape& s, const A* dB, const A* Ua, T* dV, const ParallelFor& pfor) {
+  const int64_t b1 = s.b1, b2 = s.b2, r = s.r;
+  pfor(s.T * r, [&](int64_t begin, int64_t end) {
+    std::vector<A> out_buf(kNative<T, A> ? 0 : b2);
+    A* ob = out_buf.data();
+    run_with_isa(
+        [&](auto, int64_t ub, int64_t ue) ELR_KRON_INLINE_LAMBDA {
+          for (int64_t tj = ub; tj < ue; ++tj) {
+            const int64_t t = tj / r, j = tj % r;
+            T* dst = dV + tj * b2;
+            A* out = dest(dst, ob);
+            std::fill_n(out, b2, A(0));
+            for (int64_t k = 0; k < b1; ++k) axpy(out, Ua[(t * b1 + k) * r + j], dB + (t * b1 + k) * b2, b2);
+            store(dst, out, b2);
+          }
+        },
+        begin, end);
+  });
+}
+
 }  // namespace kron_cpu_detail
 
 // ---- Implementations ----------------------------------------------------------------------------
@@ -672,7 +1001,7 @@ void kron_lora_forward_cpu(const KronShape& s, const T* x, const T* A, const T* 
     Prefetcher pf;
     run_with_isa(
         [&](auto isa, int64_t bb, int64_t be) ELR_KRON_INLINE_LAMBDA {
-          constexpr Isa I = decltype(isa)::value;
+          constexpr CpuIsa I = decltype(isa)::value;
           for (int64_t blk = bb; blk < be; ++blk) {
             const int64_t m0 = blk * mb, nt = std::min(mb, s.M - m0), rows_out = nt * a1;
             T* ydst = y + m0 * d_out;
@@ -709,189 +1038,34 @@ void kron_lora_backward_cpu(const KronShape& s, const T* dy, const T* x, const T
                             T* dV, const ParallelFor& pfor) {
   using namespace kron_cpu_detail;
   using Acc = acc_t<T>;
-  const int64_t R = s.rank_cols(), a1 = s.a1, a2 = s.a2, b1 = s.b1, b2 = s.b2, d_in = s.d_in(), d_out = s.d_out();
   if (s.M <= 0) {  // sums over no tokens
-    if (dA != nullptr) std::fill_n(dA, s.T * a1 * a2, static_cast<T>(0.0f));
-    if (dU != nullptr) std::fill_n(dU, s.T * b1 * s.r, static_cast<T>(0.0f));
-    if (dV != nullptr) std::fill_n(dV, R * b2, static_cast<T>(0.0f));
+    if (dA != nullptr) std::fill_n(dA, s.T * s.a1 * s.a2, static_cast<T>(0.0f));
+    if (dU != nullptr) std::fill_n(dU, s.T * s.b1 * s.r, static_cast<T>(0.0f));
+    if (dV != nullptr) std::fill_n(dV, s.rank_cols() * s.b2, static_cast<T>(0.0f));
     return;
   }
-  const bool need_ds = dx != nullptr || dA != nullptr || dV != nullptr;
-  const bool need_dt = dx != nullptr || dV != nullptr;
-  const bool need_t = dA != nullptr || (dU != nullptr && smat == nullptr);
-  const bool need_x = dV != nullptr || (need_t && tmat == nullptr);
-  if (!need_ds && dU == nullptr) return;
-  const Factors<Acc> f(s, A, U, V, /*aexpt=*/need_dt, /*vt=*/need_t && tmat == nullptr, /*vc=*/dx != nullptr,
-                       /*uc=*/false, /*uct=*/need_ds);
+  const BackwardNeeds need =
+      backward_needs(tmat != nullptr, smat != nullptr, dx != nullptr, dA != nullptr, dU != nullptr, dV != nullptr);
+  if (!need.ds && dU == nullptr) return;
+  const Factors<Acc> f(s, A, U, V, /*aexpt=*/need.dt, /*vt=*/need.t && tmat == nullptr, /*vc=*/dx != nullptr,
+                       /*uc=*/false, /*uct=*/need.ds);
   const int64_t mb = block_tokens(s);
   const int64_t group = std::max<int64_t>(kGroupBytes / int64_t(sizeof(Acc)), 1);
-  const Acc alpha = static_cast<Acc>(scale);
-
-  // Per-chunk partial sums: chunk c covers tokens [c * per_chunk, (c + 1) * per_chunk), whole blocks.
-  const int64_t n_du = dU != nullptr ? R * b1 : 0, n_dv = dV != nullptr ? R * b2 : 0;
-  const int64_t n_da = dA != nullptr ? a1 * a2 * R : 0, n_part = n_du + n_dv + n_da;
-  const int64_t blocks = ceil_div(s.M, mb);
-  const int64_t max_chunks =
-      clamp64(std::min(blocks / kMinChunkBlocks, kPartialBudget / std::max<int64_t>(n_part, 1)), 1, kMaxChunks);
-  const int64_t per_chunk = ceil_div(blocks, max_chunks) * mb;
-  const int64_t chunks = ceil_div(s.M, per_chunk);
-  std::vector<Acc> partials(static_cast<size_t>(chunks * n_part));
-
-  pfor(chunks, [&](int64_t begin, int64_t end) {
-    constexpr bool native = kNative<T, Acc>;
-    Scratch<Acc> w(need_x && !native ? mb * d_in : 0, native ? 0 : mb * d_out,
-                   dx != nullptr && !native ? mb * d_in : 0, need_t ? mb * a2 * R : 0,
-                   dU != nullptr ? mb * a1 * R : 0, need_ds ? mb * a1 * R : 0, need_dt ? mb * a2 * R : 0);
+  const BackwardPass<T, Acc> pass{s, f, dy, x, tmat, smat, dx, accumulate_dx, dU != nullptr, dV != nullptr, need, mb,
+                                  group, static_cast<Acc>(scale)};
+  const BackwardChunks ch = backward_chunks(s, mb, dU != nullptr, dV != nullptr, dA != nullptr);
+  std::vector<Acc> partials(static_cast<size_t>(ch.chunks * ch.n_part));
+  pfor(ch.chunks, [&](int64_t begin, int64_t end) {
+    Scratch<Acc> w = pass.scratch();
     Prefetcher pf;
     run_with_isa(
         [&](auto isa, int64_t cb, int64_t ce) ELR_KRON_INLINE_LAMBDA {
-          constexpr Isa I = decltype(isa)::value;
-          for (int64_t c = cb; c < ce; ++c) {
-            Acc* part = partials.data() + c * n_part;
-            std::fill_n(part, n_part, Acc(0));
-            Acc* pu = part;
-            Acc* pv = part + n_du;
-            Acc* pa = n_da > 0 ? part + n_du + n_dv : nullptr;
-            const int64_t c_end = std::min(s.M, (c + 1) * per_chunk);
-            for (int64_t m0 = c * per_chunk; m0 < c_end; m0 += mb) {
-              const int64_t nt = std::min(mb, c_end - m0), rows_in = nt * a2, rows_out = nt * a1;
-              const int64_t nt_next = std::min(mb, c_end - m0 - nt);  // 0 at the chunk's end
-              const T* dy_blk = dy + m0 * d_out;
-              const T* x_blk = need_x ? x + m0 * d_in : nullptr;
-              T* dx_blk = dx != nullptr ? dx + m0 * d_in : nullptr;
-              const Acc* dyb = as_acc(dy_blk, nt * d_out, w.dy);
-              const Acc* xb = need_x ? as_acc(x_blk, nt * d_in, w.x) : nullptr;
-              // The next block's first reads (its first group of dY and its saved tmat / smat rows),
-              // fetched while this block's last column group computes.
-              auto prefetch_next_block = [&]() {
-                pf.clear();
-                if (nt_next <= 0) return;
-                const int64_t m1 = m0 + nt;
-                prefetch_group<T, Acc>(pf, dy + m1 * d_out, nt_next * a1, b1, 0, std::min(group, b1), false);
-                if (dU != nullptr && smat != nullptr)
-                  prefetch_group<T, Acc>(pf, smat + m1 * a1 * R, 1, 0, 0, nt_next * a1 * R, false);
-                if (need_t && tmat != nullptr)
-                  prefetch_group<T, Acc>(pf, tmat + m1 * a2 * R, 1, 0, 0, nt_next * a2 * R, false);
-              };
-              pf.clear();
-              prefetch_group<T, Acc>(pf, dy_blk, rows_out, b1, 0, std::min(group, b1), false);
-              const Acc* tb = nullptr;
-              if (need_t) {
-                if (tmat != nullptr) {
-                  tb = as_acc(tmat + m0 * a2 * R, rows_in * R, w.t);
-                } else {
-                  tmat_rows<I, T>(s, f, xb, nt, w.t, &pf);
-                  tb = w.t;
-                }
-              }
-              const Acc* sb = nullptr;
-              if (dU != nullptr) {
-                if (smat != nullptr) {
-                  sb = as_acc(smat + m0 * a1 * R, rows_out * R, w.s);
-                } else {
-                  mix_forward_rows<I, T>(s, f.aexp.data(), tb, nt, w.s);
-                  sb = w.s;
-                }
-              }
-              // One pass over dY in column groups, each read by both of its products while
-              // cache-hot: the dU_cat partial [R, b1] += smat^T dY and ds = scale * dY uct (summed
-              // group by group). Each group prefetches the next, the last one X's first group.
-              for (int64_t k0 = 0; k0 < b1; k0 += group) {
-                const int64_t g = std::min(group, b1 - k0);
-                pf.clear();
-                if (k0 + g < b1) {
-                  prefetch_group<T, Acc>(pf, dy_blk, rows_out, b1, k0 + g, std::min(group, b1 - k0 - g), false);
-                } else if (dV != nullptr) {
-                  prefetch_group<T, Acc>(pf, x_blk, rows_in, b2, 0, std::min(group, b2), false);
-                } else if (dx != nullptr) {
-                  prefetch_group<T, Acc>(pf, dx_blk, rows_in, b2, 0, std::min(group, b2), true);
-                } else {
-                  prefetch_next_block();
-                }
-                if (dU != nullptr)
-                  small_gemm<I>(R, g, rows_out, sb, 1, R, dyb + k0, b1, pu + k0, b1, Acc(1), true, &pf);
-                if (need_ds)
-                  small_gemm<I>(rows_out, R, g, dyb + k0, b1, 1, f.uct.data() + k0 * R, R, w.ds, R, alpha, k0 > 0,
-                                &pf);
-              }
-              if (!need_ds) continue;
-              // dt and the dA partial
-              mix_backward_rows<I>(s, f.aexpt.data(), w.ds, tb, nt, need_dt ? w.dt : nullptr, pa);
-              if (!need_dt) continue;
-              // dV_cat partial [R, b2] += dt^T X, then dx (+)= dt vc, each in column groups of X / dx
-              // (two loops: they share no big operand). Each group prefetches the next, the last
-              // one the first of the next loop, or the next block's first reads.
-              auto prefetch_after = [&](int64_t q_next, bool x_side) {
-                pf.clear();
-                if (q_next < b2) {
-                  const int64_t g_next = std::min(group, b2 - q_next);
-                  if (x_side) prefetch_group<T, Acc>(pf, x_blk, rows_in, b2, q_next, g_next, false);
-                  else prefetch_group<T, Acc>(pf, dx_blk, rows_in, b2, q_next, g_next, true);
-                } else if (x_side && dx != nullptr) {
-                  prefetch_group<T, Acc>(pf, dx_blk, rows_in, b2, 0, std::min(group, b2), true);
-                } else {
-                  prefetch_next_block();
-                }
-              };
-              if (dV != nullptr) {
-                for (int64_t q0 = 0; q0 < b2; q0 += group) {
-                  const int64_t g = std::min(group, b2 - q0);
-                  prefetch_after(q0 + g, true);
-                  small_gemm<I>(R, g, rows_in, w.dt, 1, R, xb + q0, b2, pv + q0, b2, Acc(1), true, &pf);
-                }
-              }
-              Acc* dxb = dx != nullptr ? dest(dx_blk, w.out) : nullptr;
-              if (dx != nullptr) {
-                if (!native && accumulate_dx) as_acc(dx_blk, nt * d_in, dxb);
-                for (int64_t q0 = 0; q0 < b2; q0 += group) {
-                  const int64_t g = std::min(group, b2 - q0);
-                  prefetch_after(q0 + g, false);
-                  small_gemm<I>(rows_in, g, R, w.dt, R, 1, f.vc.data() + q0, b2, dxb + q0, b2, Acc(1), accumulate_dx,
-                                &pf);
-                }
-              }
-              if (dx != nullptr) store(dx_blk, dxb, nt * d_in);
-            }
-          }
+          for (int64_t c = cb; c < ce; ++c) pass.chunk(isa, ch, c, partials.data(), w, pf);
         },
         begin, end);
   });
-
-  // Sum the partials in chunk order, kReduce elements at a time (vectorised over the elements).
-  const Acc* part0 = partials.data();
-  constexpr int64_t kReduce = 256;
-  pfor(ceil_div(n_du + n_dv, kReduce), [&](int64_t begin, int64_t end) {
-    Acc sum[kReduce];
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t e0 = u * kReduce, n = std::min(kReduce, n_du + n_dv - e0);
-      std::copy_n(part0 + e0, n, sum);
-      for (int64_t c = 1; c < chunks; ++c) {
-        const Acc* pc = part0 + c * n_part + e0;
-        for (int64_t e = 0; e < n; ++e) sum[e] += pc[e];
-      }
-      for (int64_t e = 0; e < n; ++e) {
-        const int64_t idx = e0 + e;
-        if (idx < n_du) {  // dU_cat[j, k] -> dU[t, k, s]
-          const int64_t j = idx / b1, k = idx % b1, t = j / s.r, q = j % s.r;
-          dU[(t * b1 + k) * s.r + q] = static_cast<T>(sum[e] * alpha);
-        } else {  // dV_cat [R, b2] is dV's own layout
-          dV[idx - n_du] = static_cast<T>(sum[e]);
-        }
-      }
-    }
-  });
-  if (dA != nullptr) {
-    for (int64_t i = 0; i < a1; ++i)
-      for (int64_t p = 0; p < a2; ++p)
-        for (int64_t t = 0; t < s.T; ++t) {
-          double sum = 0.0;
-          for (int64_t c = 0; c < chunks; ++c) {
-            const Acc* g = part0 + c * n_part + n_du + n_dv + (i * a2 + p) * R + t * s.r;
-            for (int64_t q = 0; q < s.r; ++q) sum += static_cast<double>(g[q]);
-          }
-          dA[(t * a1 + i) * a2 + p] = static_cast<T>(static_cast<Acc>(sum));
-        }
-  }
+  reduce_dU_dV(s, ch, partials.data(), pass.alpha, dU, dV, pfor);
+  if (dA != nullptr) reduce_dA(s, ch, partials.data(), dA);
 }
 
 template <typename T, typename ParallelFor>
@@ -931,92 +1105,14 @@ void kron_delta_backward_cpu(const KronShape& s, const T* grad, const T* A, cons
   using namespace kron_cpu_detail;
   using Acc = acc_t<T>;
   if (dA == nullptr && dU == nullptr && dV == nullptr) return;
-  const int64_t d_in = s.d_in(), b1 = s.b1, b2 = s.b2, r = s.r, nT = s.T;
-  const std::vector<Acc> Ua = to_acc_vector<Acc>(U, nT * b1 * r);
-  const std::vector<Acc> Va = to_acc_vector<Acc>(V, nT * r * b2);
-  const std::vector<Acc> Aa = to_acc_vector<Acc>(A, nT * s.a1 * s.a2);
-
-  if (dA != nullptr) {
-    // dA[t,i,p] = sum_{k,q} grad[(i*b1+k), (p*b2+q)] B[t,k,q]: one (i, p) per unit, fixed order.
-    const std::vector<Acc> B = delta_product(s, Ua.data(), Va.data(), pfor);
-    pfor(s.a1 * s.a2, [&](int64_t begin, int64_t end) {
-      std::vector<Acc> g_buf(kNative<T, Acc> ? 0 : b2);
-      std::vector<Acc> sums(static_cast<size_t>(nT));
-      Acc* gb = g_buf.data();
-      Acc* sm = sums.data();
-      run_with_isa(
-          [&](auto, int64_t ub, int64_t ue) ELR_KRON_INLINE_LAMBDA {
-            for (int64_t u = ub; u < ue; ++u) {
-              const int64_t i = u / s.a2, p = u % s.a2;
-              std::fill_n(sm, nT, Acc(0));
-              for (int64_t k = 0; k < b1; ++k) {
-                const Acc* g = as_acc(grad + (i * b1 + k) * d_in + p * b2, b2, gb);
-                for (int64_t t = 0; t < nT; ++t) sm[t] += dot(g, B.data() + (t * b1 + k) * b2, b2);
-              }
-              for (int64_t t = 0; t < nT; ++t) dA[(t * s.a1 + i) * s.a2 + p] = static_cast<T>(sm[t]);
-            }
-          },
-          begin, end);
-    });
-  }
+  const std::vector<Acc> Ua = to_acc_vector<Acc>(U, s.T * s.b1 * s.r);
+  const std::vector<Acc> Va = to_acc_vector<Acc>(V, s.T * s.r * s.b2);
+  const std::vector<Acc> Aa = to_acc_vector<Acc>(A, s.T * s.a1 * s.a2);
+  if (dA != nullptr) delta_grad_A(s, grad, delta_product(s, Ua.data(), Va.data(), pfor).data(), dA, pfor);
   if (dU == nullptr && dV == nullptr) return;
-
-  // dB[t,k,q] = sum_{i,p} grad[(i*b1+k), (p*b2+q)] A[t,i,p]: one k per unit (all t at once, so each
-  // grad segment is read once).
-  std::vector<Acc> dB_v(static_cast<size_t>(nT * b1 * b2));
-  Acc* dB = dB_v.data();
-  pfor(b1, [&](int64_t begin, int64_t end) {
-    std::vector<Acc> g_buf(kNative<T, Acc> ? 0 : b2);
-    std::vector<Acc> acc_buf(static_cast<size_t>(nT * b2));
-    Acc* gb = g_buf.data();
-    Acc* ab = acc_buf.data();
-    run_with_isa(
-        [&](auto, int64_t kb, int64_t ke) ELR_KRON_INLINE_LAMBDA {
-          for (int64_t k = kb; k < ke; ++k) {
-            std::fill_n(ab, nT * b2, Acc(0));
-            for (int64_t i = 0; i < s.a1; ++i)
-              for (int64_t p = 0; p < s.a2; ++p) {
-                const Acc* g = as_acc(grad + (i * b1 + k) * d_in + p * b2, b2, gb);
-                for (int64_t t = 0; t < nT; ++t) axpy(ab + t * b2, Aa[(t * s.a1 + i) * s.a2 + p], g, b2);
-              }
-            for (int64_t t = 0; t < nT; ++t) std::copy_n(ab + t * b2, b2, dB + (t * b1 + k) * b2);
-          }
-        },
-        begin, end);
-  });
-  if (dU != nullptr) {
-    // dU[t,k,s] = sum_q dB[t,k,q] V[t,s,q]
-    pfor(nT * b1, [&](int64_t begin, int64_t end) {
-      run_with_isa(
-          [&](auto, int64_t ub, int64_t ue) ELR_KRON_INLINE_LAMBDA {
-            for (int64_t tk = ub; tk < ue; ++tk) {
-              const int64_t t = tk / b1;
-              for (int64_t j = 0; j < r; ++j)
-                dU[tk * r + j] = static_cast<T>(dot(dB + tk * b2, Va.data() + (t * r + j) * b2, b2));
-            }
-          },
-          begin, end);
-    });
-  }
-  if (dV != nullptr) {
-    // dV[t,s,q] = sum_k U[t,k,s] dB[t,k,q]
-    pfor(nT * r, [&](int64_t begin, int64_t end) {
-      std::vector<Acc> out_buf(kNative<T, Acc> ? 0 : b2);
-      Acc* ob = out_buf.data();
-      run_with_isa(
-          [&](auto, int64_t ub, int64_t ue) ELR_KRON_INLINE_LAMBDA {
-            for (int64_t tj = ub; tj < ue; ++tj) {
-              const int64_t t = tj / r, j = tj % r;
-              T* dst = dV + tj * b2;
-              Acc* out = dest(dst, ob);
-              std::fill_n(out, b2, Acc(0));
-              for (int64_t k = 0; k < b1; ++k) axpy(out, Ua[(t * b1 + k) * r + j], dB + (t * b1 + k) * b2, b2);
-              store(dst, out, b2);
-            }
-          },
-          begin, end);
-    });
-  }
+  const std::vector<Acc> dB = delta_grad_B(s, grad, Aa.data(), pfor);
+  if (dU != nullptr) delta_grad_U(s, dB.data(), Va.data(), dU, pfor);
+  if (dV != nullptr) delta_grad_V(s, dB.data(), Ua.data(), dV, pfor);
 }
 
 }  // namespace elr

@@ -1,4 +1,4 @@
-"""A diffusers attention processor for low-rank q/k/v projections (DESIGN.md 2.3, eq. 2).
+"""A diffusers attention processor for low-rank q/k/v projections (eq. 2; docs/method.md, "Eq. 2").
 
 Self-attention computes q, k and v with one elr_ext.lowrank_proj call on the hidden states (K = 3:
 one GEMM over the concatenated down-projections); cross-attention computes q from the hidden states

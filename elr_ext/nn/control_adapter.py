@@ -43,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import reference
 from .._checks import check_choice, check_positive_int, check_tensor
+from .counting import count_parameters
 from .fdn import FDN
 from .kron_lora import KronLoRAConv2d, KronLoRALinear, kronecker_splits
 
@@ -355,16 +356,15 @@ class LocalControlAdapter(ModelMixin, ConfigMixin):
 
     def parameter_counts(self) -> dict:
         """Trainable and total parameters, and where they are."""
-        fdn = sum(p.numel() for m in self.modules() if isinstance(m, FDN) for p in m.parameters())
-        kron = sum(getattr(m, n).numel() for m in self.modules() if isinstance(m, _KRON) for n in ("A", "U", "V"))
+        kron = [getattr(m, n) for m in self.modules() if isinstance(m, _KRON) for n in ("A", "U", "V")]
         return {
-            "trainable": sum(p.numel() for p in self.trainable_parameters()),
-            "total": sum(p.numel() for p in self.parameters()),
-            "copy": sum(p.numel() for p in self._copy_parameters()),
-            "kronecker_factors": kron,
-            "fdn_convs": fdn,
-            "feature_extractor": sum(p.numel() for p in self.feature_extractor.parameters()),
-            "zero_convs": sum(p.numel() for m in (self.down_zero_convs, self.mid_zero_conv) for p in m.parameters()),
+            "trainable": count_parameters(self.trainable_parameters()),
+            "total": count_parameters(self),
+            "copy": count_parameters(self._copy_parameters()),
+            "kronecker_factors": count_parameters(kron),
+            "fdn_convs": count_parameters(*(m for m in self.modules() if isinstance(m, FDN))),
+            "feature_extractor": count_parameters(self.feature_extractor),
+            "zero_convs": count_parameters(self.down_zero_convs, self.mid_zero_conv),
         }
 
     # ------------------------------------------------------------------ merge for inference

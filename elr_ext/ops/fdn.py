@@ -26,10 +26,6 @@ ACTIVATIONS = (None, "silu")
 _ACTIVATION_CODE = {"none": 0, "silu": 1}
 
 
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return reference.accumulation_dtype(dtype)
-
-
 def _layout_of(z: torch.Tensor) -> torch.memory_format:
     """The memory format the kernels produce outputs in (channels_last stays channels_last)."""
     if not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last):
@@ -71,7 +67,7 @@ def fdn_forward(
 @fdn_forward.register_fake
 def _(z, gamma, beta, num_groups, eps, activation):
     out = torch.empty_like(z, memory_format=_layout_of(z))
-    stats = z.new_empty((z.shape[0], num_groups), dtype=_stat_dtype(z.dtype))
+    stats = z.new_empty((z.shape[0], num_groups), dtype=reference.accumulation_dtype(z.dtype))
     return out, stats, torch.empty_like(stats)
 
 

@@ -5,10 +5,10 @@
 - `kron_lora_linear` never builds dW: with X_m = x_m viewed [a2, b2],
   Y_m = sum_t A_t (X_m V_t^T) U_t^T through the rank-space products tmat [M, a2, T*r] and
   smat [M, a1, T*r] (csrc/kernels/kron_lora_common.h has the index conventions). Those are stored
-  in x's dtype, rounded from fp32 accumulators exactly as the unfused einsum path rounds them;
+  in x's dtype, rounded from fp32 accumulators exactly as the unfused einsum path rounds them.
   By default the backward recomputes them from x (same bits: every backend accumulates in the same
   order); `save_intermediates=True` keeps them instead, when a factor needs its gradient. Measured on
-  the 2-core CPU (benchmarks/kron_gemm.py, fwd+bwd): recomputing costs 0-10 % of the Kronecker term's
+  a CPU (benchmarks/kron_gemm.py, fwd+bwd): recomputing costs 0-10 % of the Kronecker term's
   time and cuts the peak by the saved (a1 + a2) * T * r values per token (39.2 -> 21.3 MB at
   320 -> 320, 8192 tokens, n=4, r=8; 48.7 -> 14.1 MB at 640 -> 640, n=8, r=16).
 - `kron_delta` builds dW for conv weights (viewed [out, in*kh*kw]), where it is cheap next to the

@@ -15,8 +15,8 @@ from .kron_lora import check_factors, kron_delta_backward, kron_delta_op, kron_l
 
 _UNFOLD_BYTES = 64 << 20  # the backward unfolds x in chunks of samples of about this size
 # The factors' gradients in rank space cost about T*r*(d_in + d_out) per token against d_out*d_in for
-# the weight gradient; the rank-space path runs where that ratio is at least this. Measured on the
-# 2-core CPU (benchmarks/kron_gemm.py --conv, fwd+bwd against the weight-gradient path): 0.82-0.96x at
+# the weight gradient; the rank-space path runs where that ratio is at least this. Measured on a
+# CPU (benchmarks/kron_gemm.py --conv, fwd+bwd against the weight-gradient path): 0.82-0.96x at
 # a ratio of 9 (320 channels), 1.15-1.83x at 18-36 (640 and 1280 channels).
 _RANK_SPACE_MIN_RATIO = 12.0
 

@@ -1,5 +1,5 @@
-"""Fused low-rank projections (Stage I student weights, eq. 2; DESIGN.md 2.3): the whole Python
-story of the op.
+"""Fused low-rank projections (Stage I student weights, eq. 2; docs/method.md, "Eq. 2"): the whole
+Python story of the op.
 
     h = x [B_1; ...; B_K]^T   [M, R = sum_j r_j]      one GEMM for all down-projections
     y_j = h_j A_j^T + b_j      [M, out_j]              h_j = h[:, off_j : off_j + r_j]

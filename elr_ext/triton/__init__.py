@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import accumulation_dtype
+
 
 def _interpreting() -> bool:
     """Whether triton.jit defines interpreted kernels now. triton.knobs holds the setting from
@@ -109,6 +111,14 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def tl_accumulation_dtype(dtype: torch.dtype):
+    """accumulation_dtype(dtype) (elr_ext/reference.py) as a Triton dtype, for the kernels' ACC_TY."""
+    return _TL_DTYPES[accumulation_dtype(dtype)]
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot input precision for fp32 operands: IEEE fp32 (torch's default for fp32 matmuls)
     unless torch allows TF32; fp64 is always IEEE. Operands converted up from fp16/bf16 products
@@ -116,6 +126,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     is finer than the inputs' own rounding."""
     if dtype == torch.float64:
         return "ieee"
-    if dtype in (torch.float16, torch.bfloat16):
+    if accumulation_dtype(dtype) != dtype:  # fp16 / bf16
         return "tf32"
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.fdn import _layout_of  # the memory format of every backend's outputs
+from ..reference import accumulation_dtype, group_stats
 from . import cast_rn, check_device, configs, gpu_config, launch, num_sms
 
 _ACTIVATION_CODE = {"none": 0, "silu": 1}
@@ -332,12 +334,6 @@ def _backward_apply_kernel(
 
 
 # ------------------------------------------------------------------------------------ host side
-def _layout_of(z: torch.Tensor) -> torch.memory_format:
-    if not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _nc_hw_strides(t: torch.Tensor):
     """(stride_n, stride_c, stride_hw) of a 4-D tensor whose (h, w) flatten into one index, else None."""
     _, _, h, w = t.shape
@@ -380,12 +376,12 @@ def forward(z, gamma, beta, num_groups: int, eps: float, activation: str):
     gamma, gs = _addressable(gamma, layout)
     beta, bs = _addressable(beta, layout)
     broadcast = gamma.shape != z.shape
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(z.dtype)
     out = torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=layout)
+    if z.numel() == 0:  # empty groups: nothing to normalise; the statistics of a constant
+        return (out, *group_stats(z, num_groups, eps))
     mean = torch.empty((n, num_groups), dtype=acc, device=z.device)
     rstd = torch.empty_like(mean)
-    if z.numel() == 0:  # H * W == 0: nothing to normalise; the statistics are undefined
-        return out, mean.fill_(float("nan")), rstd.fill_(float("nan"))
     hw_per_split, splits = _plan(z, num_groups)
     cpg, hw = c // num_groups, h * w
     part = torch.empty((n * num_groups, splits, 2), dtype=acc, device=z.device)

@@ -46,7 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, cast_rn, check_device, configs, dot_precision, gpu_config, launch, num_sms
+from ..reference import accumulation_dtype
+from . import (INTERPRETED, cast_rn, check_device, configs, dot_precision, gpu_config, launch, num_sms,
+               tl_accumulation_dtype)
 
 MAX_RANK_COLS = 128  # T * r
 MAX_TOKEN_TILE = 1024  # next_pow2(a1) * next_pow2(T * r): the mixing values of one token
@@ -83,10 +85,6 @@ def _pow2(v: int) -> int:
 
 def _pow2_small(v: int) -> int:
     return triton.next_power_of_2(max(v, 1))
-
-
-def _acc_type(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def tile_values(config, r_p: int, bk: int) -> int:
@@ -384,7 +382,7 @@ def _forward_call(x, A, U, V, y, tmat, smat, scale, write_y, accumulate, save):
     grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(a1, meta["BI"]))  # noqa: E731
     args = (x, A, U, V, y if y is not None else x, tmat if save else x, smat if save else x,
             M, T, a1, a2, b1, b2, r, float(scale), int(write_y), int(accumulate), int(save))
-    kwargs = dict(ACC_TY=_acc_type(x.dtype),
+    kwargs = dict(ACC_TY=tl_accumulation_dtype(x.dtype),
                   PREC=dot_precision(x.dtype) if x.dtype == torch.float32 else "ieee",
                   UPCAST=_upcast(x.dtype), R_P=_pow2(T * r))
     kwargs["BK"] = _reduction_block(x.dtype, kwargs["PREC"])
@@ -433,7 +431,7 @@ def _rank_grad_call(P: torch.Tensor, Q: torch.Tensor):
     its [splits, R, n] partials, allocated here (args[2])."""
     rows, R = P.shape
     ncol = Q.shape[1]
-    acc = torch.float64 if P.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(P.dtype)
     tiles = triton.cdiv(R, 64) * triton.cdiv(ncol, 64)
     splits = _splits(rows, tiles, P.device)
     per_split = triton.cdiv(rows, splits)
@@ -441,7 +439,7 @@ def _rank_grad_call(P: torch.Tensor, Q: torch.Tensor):
     out = torch.empty((splits, R, ncol), dtype=acc, device=P.device)
     grid = lambda meta: (triton.cdiv(R, meta["BJ"]), triton.cdiv(ncol, meta["BN"]), splits)  # noqa: E731
     # fp32 / fp64 P (dt, or smat of an fp32 call): Q is converted up to it; half P: a native half dot
-    prec = dot_precision(Q.dtype) if P.dtype in (torch.float32, torch.float64) else "ieee"
+    prec = dot_precision(Q.dtype) if accumulation_dtype(P.dtype) == P.dtype else "ieee"
     return _rank_grad_kernel, grid, (P, Q, out, rows, R, ncol, per_split), dict(PREC=prec, UPCAST=_upcast(P.dtype))
 
 
@@ -462,12 +460,12 @@ def _backward_call(grad_y, A, U, V, tmat, dx, dt, dA_part, scale, accumulate_dx,
     grid = lambda meta: (triton.cdiv(M, meta["BM"]),)  # noqa: E731
     # never dereferenced stand-ins (their flags are off), of the dtypes of the real ones: one
     # signature, so one compiled kernel, for every gradient mask
-    acc_stand_in = grad_y.new_empty(1, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    acc_stand_in = grad_y.new_empty(1, dtype=accumulation_dtype(dtype))
     args = (grad_y, A, U, V, tmat if tmat is not None else grad_y, dx if dx is not None else grad_y,
             dt if dt is not None else acc_stand_in, dA_part if dA_part is not None else acc_stand_in,
             M, T, a1, a2, b1, b2, r, float(scale),
             int(dx is not None), int(dx is not None and accumulate_dx), int(need_dt), int(dA_part is not None))
-    kwargs = dict(ACC_TY=_acc_type(dtype),
+    kwargs = dict(ACC_TY=tl_accumulation_dtype(dtype),
                   PREC=dot_precision(dtype) if dtype == torch.float32 else "ieee", PREC_ACC=dot_precision(dtype),
                   UPCAST=_upcast(dtype), R_P=_pow2(R))
     kwargs["BK"] = _reduction_block(dtype, kwargs["PREC"])
@@ -482,7 +480,7 @@ def backward(grad_y, x, A, U, V, tmat, smat, weight, scale: float, needs):
     T, a1, a2, b1, b2, r = _shape(A, U, V)
     M, R = x.shape[0], T * r
     dtype = x.dtype
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(dtype)
     dweight = grad_y.t().mm(x) if need_dw else None
     dbias = grad_y.sum(0) if need_db else None
     dx = None

@@ -1,4 +1,4 @@
-"""Fused low-rank projections (eq. 2, DESIGN.md 2.3) in Triton: the `triton` backend of
+"""Fused low-rank projections (eq. 2, docs/method.md) in Triton: the `triton` backend of
 elr_ext/ops/lowrank_proj.py.
 
     forward(x, downs, ups, biases) -> ([y_j], h)
@@ -22,7 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRETED, cast_rn, check_device, configs, dot_precision, gpu_config, launch, num_sms
+from ..reference import accumulation_dtype
+from . import (INTERPRETED, cast_rn, check_device, configs, dot_precision, gpu_config, launch, num_sms,
+               tl_accumulation_dtype)
 
 
 def _gemm_configs():
@@ -100,10 +102,6 @@ def _gemm_kernel(
     tl.store(c, cast_rn(acc, c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
           long_k: bool = False) -> torch.Tensor:
     """a [M, K] @ b [K, N] (+ bias) into out (any strides; allocated in a's dtype when None).
@@ -117,7 +115,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, bia
         return out
     if K == 0:
         return out.copy_(bias.expand(M, N)) if bias is not None else out.zero_()
-    acc_ty = tl.float64 if a.dtype == torch.float64 else tl.float32
+    acc_ty = tl_accumulation_dtype(a.dtype)
     prec = dot_precision(a.dtype) if a.dtype == torch.float32 else "ieee"
     upcast = INTERPRETED and a.dtype == torch.bfloat16
     splits = 1
@@ -127,7 +125,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, bia
         splits = max(1, min(triton.cdiv(4 * num_sms(a.device), tiles), triton.cdiv(K, min_k), 64))
     per_split = triton.cdiv(K, splits)
     splits = triton.cdiv(K, per_split)
-    target = out if splits == 1 else torch.empty((splits, M, N), dtype=_acc_dtype(a.dtype), device=a.device)
+    target = out if splits == 1 else torch.empty((splits, M, N), dtype=accumulation_dtype(a.dtype), device=a.device)
     s_cs = 0 if splits == 1 else target.stride(0)
     s_cm, s_cn = (out.stride(0), out.stride(1)) if splits == 1 else (target.stride(1), target.stride(2))
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), splits)  # noqa: E731

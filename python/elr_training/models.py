@@ -56,10 +56,6 @@ def weight_dtype_of(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def check_model_folder(folder: str, parts: List[str], flag: str) -> None:
     """Raise FileNotFoundError naming the first missing file of the given parts."""
     if not os.path.isdir(folder):

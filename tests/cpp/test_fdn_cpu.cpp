@@ -170,7 +170,7 @@ struct Bf16 {
 };
 
 // Every element written (finite), and max|got - ref| <= 2 * max|peer - ref| + tol * max(1, max|ref|)
-// (+ extra_abs) where peer is the naive same-dtype result (the design's rule; no peer for fp64).
+// (+ extra_abs) where peer is the naive same-dtype result (docs/testing.md; no peer for fp64).
 template <typename T>
 void expect_close(const std::vector<T>& got, const std::vector<double>& ref, const std::vector<double>* peer,
                   double tol, const std::string& what, double extra_abs = 0.0) {
@@ -327,9 +327,9 @@ int main() {
       {2, 16, 1000, 4}, {1, 600, 9, 30},   {2, 64, 300, 16},  {1, 8, 4, 2},       {2, 4, 0, 2},
       {2, 64, 1100, 16}, {1, 40, 7000, 4}, {2, 0, 5, 2},
   };
-  const elr::CpuIsa best = elr::fdn_detail::cpu_isa_limit();
+  const elr::CpuIsa best = elr::cpu_isa_limit();
   for (int isa = 0; isa <= static_cast<int>(best); ++isa) {
-    elr::fdn_detail::cpu_isa_limit() = static_cast<elr::CpuIsa>(isa);
+    elr::cpu_isa_limit() = static_cast<elr::CpuIsa>(isa);
     const std::string tag = isa_name(static_cast<elr::CpuIsa>(isa));
     for (const auto& d : shapes)
       for (FdnLayout layout : {FdnLayout::NCHW, FdnLayout::NHWC})
@@ -349,7 +349,7 @@ int main() {
             check_against_reference<Bf16>(s, rng, 8e-3, tag + " bf16");  // outputs rounded to 2^-9
           }
   }
-  elr::fdn_detail::cpu_isa_limit() = best;
+  elr::cpu_isa_limit() = best;
 
   for (FdnLayout layout : {FdnLayout::NCHW, FdnLayout::NHWC})
     for (bool bcast : {false, true})

@@ -3,7 +3,7 @@
 // (the 16-bit path), against naive loops written here from the definition (eq. 9): dW is built
 // explicitly and y = y0 + scale * x dW^T, the gradients likewise. The fp64 loops are the ground
 // truth; the same loops in fp32, rounding tmat / smat / outputs to the storage type where the
-// kernels do, are the "same-dtype" error yardstick (DESIGN.md 5). Outputs are poisoned with NaN
+// kernels do, are the "same-dtype" error yardstick (docs/testing.md). Outputs are poisoned with NaN
 // before each call and every element must be written. Also checked bit for bit: a backward that
 // recomputes tmat / smat equals one given the forward's, and results do not depend on how the
 // parallel loop splits the work. Every compiled ISA path (generic, AVX2, AVX-512 where the CPU has
@@ -27,7 +27,7 @@
 namespace {
 
 using elr::KronShape;
-using elr::kron_cpu_detail::Isa;
+using elr::CpuIsa;
 
 int g_failures = 0;
 int g_checks = 0;
@@ -277,7 +277,7 @@ Outputs reference(const KronShape& s, const Inputs& in, double scale, bool accum
 }
 
 // Every element written (finite), and max|got - ref| <= 2 * max|peer - ref| + tol * max(1, max|ref|)
-// where peer is the naive same-dtype result (the design's rule; no peer for fp64).
+// where peer is the naive same-dtype result (docs/testing.md; no peer for fp64).
 template <typename T>
 void expect_close(const std::vector<T>& got, const std::vector<double>& ref, const std::vector<double>* peer,
                   double tol, const std::string& what) {
@@ -487,7 +487,7 @@ void check_delta(const KronShape& s, std::mt19937_64& rng, double tol, const std
   }
 }
 
-const char* isa_name(Isa isa) { return isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "generic"; }
+const char* isa_name(CpuIsa isa) { return isa == CpuIsa::Avx512 ? "avx512" : isa == CpuIsa::Avx2 ? "avx2" : "generic"; }
 
 }  // namespace
 
@@ -507,10 +507,10 @@ int main() {
       {20, 4, 4, 4, 16, 20, 8},   {65, 5, 3, 6, 17, 13, 7}, {300, 2, 4, 4, 150, 70, 3}, {70, 8, 8, 8, 5, 9, 16},
       {0, 2, 3, 2, 4, 5, 2},      {1, 2, 3, 2, 40, 24, 4},  {260, 1, 2, 1, 12, 300, 6},
   };
-  const Isa best = elr::kron_cpu_detail::isa_limit();
+  const CpuIsa best = elr::cpu_isa_limit();
   for (int isa = 0; isa <= static_cast<int>(best); ++isa) {
-    elr::kron_cpu_detail::isa_limit() = static_cast<Isa>(isa);
-    const std::string tag = isa_name(static_cast<Isa>(isa));
+    elr::cpu_isa_limit() = static_cast<CpuIsa>(isa);
+    const std::string tag = isa_name(static_cast<CpuIsa>(isa));
     for (const auto& d : shapes) {
       KronShape s;
       s.M = d[0], s.T = d[1], s.a1 = d[2], s.a2 = d[3], s.b1 = d[4], s.b2 = d[5], s.r = d[6];
@@ -522,7 +522,7 @@ int main() {
       check_delta<Bf16>(s, rng, 8e-3, tag + " bf16");
     }
   }
-  elr::kron_cpu_detail::isa_limit() = best;
+  elr::cpu_isa_limit() = best;
 
   std::printf("test_kron_lora_cpu: %d checks, %d failures (best ISA %s)\n", g_checks, g_failures, isa_name(best));
   return g_failures == 0 ? 0 : 1;

@@ -1,4 +1,5 @@
-// cuda_sim.h: run CUDA kernels on the CPU, unchanged, for the test suite (DESIGN.md 5).
+// cuda_sim.h: run CUDA kernels on the CPU, unchanged, for the test suite (docs/architecture.md,
+// "The CUDA simulator", says what it can and cannot see).
 //
 // A host compiler (g++ -std=c++20 -pthread -I<cuda>/include) compiles the kernel headers of
 // csrc/kernels against this file instead of nvcc. Each simulated block runs one OS thread per CUDA

@@ -1,4 +1,4 @@
-"""Running simulated CUDA kernels from pytest (DESIGN.md 5): a forked child with a timeout, NaN-poisoned
+"""Running simulated CUDA kernels from pytest (docs/testing.md): a forked child with a timeout, NaN-poisoned
 shared-memory outputs, the fp64-reference tolerance rule, and the simulated device's SM count and arch.
 
 The child touches no torch code: it calls the ctypes library on pointers the parent prepared, writing
@@ -149,8 +149,8 @@ def ptr(t):
 
 
 def assert_close(got, ref64, eager, name):
-    """DESIGN.md 5: at most twice eager PyTorch's error in the same dtype; fp32 within 1e-5 relative,
-    fp64 within 1e-10 relative; fp16/bf16 get one unit of their precision on top."""
+    """The rule of docs/testing.md: at most twice eager PyTorch's error in the same dtype; fp32 within
+    1e-5 relative, fp64 within 1e-10 relative; fp16/bf16 get one unit of their precision on top."""
     assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
     assert not torch.isnan(got).any(), f"{name}: element(s) left unwritten (NaN poison survived)"
     err = (got.double() - ref64).abs().max().item()

@@ -12,12 +12,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from elr_ext.nn import count_parameters
+
 from ..data import ConditionDropout, condition_channels
 from ..data.conditions import CONDITION_CHANNELS
 from ..evaluation import control_metrics, only
 from ..losses import noisy_inputs, timestep_weights, weighted_mse
 from ..metrics import control_verdict
-from ..models import Components, encode_images, encode_prompts, latent_factor_of, parameter_count, unwrap
+from ..models import Components, encode_images, encode_prompts, latent_factor_of, unwrap
 from ..run_folder import save_control_model
 from ..sampling import condition_to_uint8, generate, image_grid, pixels_to_uint8
 from .base import Stage
@@ -56,7 +58,7 @@ class ControlStage(Stage):
         say(
             f"stage 2: LocalControlAdapter ({config.adapter}) on {self.types} "
             f"({condition_channels(self.types)} condition channels): {self.parameter_counts['trainable']:,} "
-            f"trainable of {self.parameter_counts['total']:,}; backbone {parameter_count(self.unet):,} frozen"
+            f"trainable of {self.parameter_counts['total']:,}; backbone {count_parameters(self.unet):,} frozen"
         )
 
     def trained_module(self) -> nn.Module:

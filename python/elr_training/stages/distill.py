@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elr_ext.nn import count_parameters
+
 from ..losses import noisy_inputs, timestep_weights, weighted_mse
-from ..models import Components, encode_images, encode_prompts, parameter_count, save_model_folder, unwrap
+from ..models import Components, encode_images, encode_prompts, save_model_folder, unwrap
 from ..sampling import generate, image_grid, pixels_to_uint8
 from .base import Stage
 
@@ -89,7 +91,7 @@ class DistillStage(Stage):
             if getattr(config, k) is not None
         }
         if "param_budget" in policy and policy["param_budget"] < 1:  # a fraction of the teacher's parameters
-            policy["param_budget"] = int(policy["param_budget"] * parameter_count(self.teacher))
+            policy["param_budget"] = int(policy["param_budget"] * count_parameters(self.teacher))
         elif "param_budget" in policy:
             policy["param_budget"] = int(policy["param_budget"])
         self.student = copy.deepcopy(self.teacher)
@@ -105,7 +107,7 @@ class DistillStage(Stage):
         self.student_features = FeatureRecorder(self.student, levels) if levels else None
         if self.feature_weights:
             say(f"feature distillation on {sorted(self.feature_weights)}")
-        say(f"teacher {parameter_count(self.teacher):,} parameters, student {parameter_count(self.student):,}")
+        say(f"teacher {count_parameters(self.teacher):,} parameters, student {count_parameters(self.student):,}")
 
     def trained_module(self) -> nn.Module:
         return self.student

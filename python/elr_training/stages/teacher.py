@@ -12,8 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from elr_ext.nn import count_parameters
+
 from ..losses import drop_text, noisy_inputs, timestep_weights, weighted_mse
-from ..models import Components, encode_images, encode_prompts, parameter_count, save_model_folder, unwrap
+from ..models import Components, encode_images, encode_prompts, save_model_folder, unwrap
 from ..sampling import generate, image_grid, pixels_to_uint8
 from .base import Stage
 
@@ -30,7 +32,7 @@ class TeacherStage(Stage):
         self.config, self.components, self.device = config, components, device
         self.unet = components.unet
         self.unet.train()
-        say(f"stage 0: teacher UNet, {parameter_count(self.unet):,} parameters, all trained")
+        say(f"stage 0: teacher UNet, {count_parameters(self.unet):,} parameters, all trained")
 
     def trained_module(self) -> nn.Module:
         return self.unet
