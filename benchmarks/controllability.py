@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
     }
     columns, grid = {}, {"data": [s["image"] for s in samples]}
     for kind in CONDITIONS:
-        grid[f"{kind} map"] = [evaluation.map_to_uint8(s["conditions"][evaluation.condition_slice(CONDITIONS, kind)])
+        grid[f"{kind} map"] = [sampling.map_to_uint8(s["conditions"][evaluation.condition_slice(CONDITIONS, kind)])
                                for s in samples]
     short = {"no control": "none", "Uni-ControlNet-style (full)": "full", "ELR Stage II (kron)": "elr"}
     for label, model in models.items():

@@ -49,7 +49,7 @@ from elr_training.metrics import measured  # noqa: E402
 from elr_training.models import latent_factor_of  # noqa: E402
 from elr_training.run_folder import load_control_model  # noqa: E402
 from elr_training.run_log import write_json  # noqa: E402
-from elr_training.sampling import image_grid  # noqa: E402
+from elr_training.sampling import image_grid, map_to_uint8  # noqa: E402
 
 # The paper's Tables 2 and 3, for the table's reference columns.
 PAPER_COLUMNS = {
@@ -174,7 +174,7 @@ def main(argv=None) -> dict:
         f.write(table)
     columns = {"data": [s["image"] for s in samples]}
     for t in model.condition_types:
-        columns[f"{t} map"] = [evaluation.map_to_uint8(s["conditions"][evaluation.condition_slice(
+        columns[f"{t} map"] = [map_to_uint8(s["conditions"][evaluation.condition_slice(
             model.condition_types, t)]) for s in samples]
         columns[f"from {t}"] = generated[t]
     Image.fromarray(image_grid(columns)).save(os.path.join(args.output_dir, "grid.png"))

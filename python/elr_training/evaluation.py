@@ -24,10 +24,10 @@ from .metrics import (
     unavailable,
 )
 from .run_folder import ControlModel
-from .sampling import generate, pixels_to_uint8
+from .sampling import generate, map_to_uint8, pixels_to_uint8
 
 __all__ = [
-    "evaluation_samples", "condition_slice", "only", "map_to_uint8", "generate_images", "control_metrics",
+    "evaluation_samples", "condition_slice", "only", "generate_images", "control_metrics",
     "evaluate_model", "table2_markdown", "table1_markdown", "format_value",
 ]
 
@@ -71,12 +71,6 @@ def only(conditions: torch.Tensor, condition_types: Sequence[str], kind: str) ->
     s = condition_slice(condition_types, kind)
     kept[:, s] = conditions[:, s]
     return kept
-
-
-def map_to_uint8(condition_map: torch.Tensor) -> np.ndarray:
-    """A condition map [C, H, W] in [0, 1] as uint8 RGB [H, W, 3] (one-channel maps as grey)."""
-    array = (condition_map.clamp(0, 1) * 255).round().byte().cpu().numpy()
-    return np.repeat(array, 3, axis=0).transpose(1, 2, 0) if array.shape[0] == 1 else array.transpose(1, 2, 0)
 
 
 def generate_images(model: ControlModel, samples: List[dict], kind: Optional[str], steps: int,

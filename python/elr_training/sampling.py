@@ -85,16 +85,21 @@ def pixels_to_uint8(pixel_values: torch.Tensor) -> np.ndarray:
     return to_uint8(((pixel_values.float().cpu() + 1) / 2).permute(0, 2, 3, 1).numpy())
 
 
+def map_to_uint8(condition_map: torch.Tensor) -> np.ndarray:
+    """One condition map [C, H, W] in [0, 1] as uint8 RGB [H, W, 3] (one-channel maps as grey)."""
+    array = (condition_map.float().clamp(0, 1) * 255).round().byte().cpu().numpy()
+    return np.repeat(array, 3, axis=0).transpose(1, 2, 0) if array.shape[0] == 1 else array.transpose(1, 2, 0)
+
+
 def condition_to_uint8(conditions: torch.Tensor, types: Sequence[str]) -> np.ndarray:
     """The concatenated condition maps [N, C, H, W] in [0, 1], shown side by side as one RGB picture per
-    sample (one-channel maps as grey)."""
-    panels, start = [], 0
+    sample: uint8 [N, H, W * len(types), 3]."""
+    pictures, start = [], 0
     for kind in types:
         c = CONDITION_CHANNELS[kind]
-        part = conditions[:, start : start + c].float().cpu()
+        pictures.append(np.stack([map_to_uint8(sample[start : start + c]) for sample in conditions]))
         start += c
-        panels.append(part.expand(-1, 3, -1, -1) if c == 1 else part)
-    return to_uint8(torch.cat(panels, dim=3).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(pictures, axis=2)
 
 
 def image_grid(columns: Dict[str, Sequence], height: int = 128, max_rows: int = GRID_ROWS) -> np.ndarray:
