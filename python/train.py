@@ -313,7 +313,7 @@ def finish(config, run, state, log, accelerator, validation_metrics, step_times,
         say(f"stage {config.stage} done in {metrics['wall_time_s']:.0f} s: loss on a fixed batch "
             f"{metrics['fixed_batch_loss_before']:.4f} -> {metrics['fixed_batch_loss_after']:.4f}; "
             f"{summary_line(validation_metrics)}")
-        say(run_folder.describe(config.output_dir))
+        say(run_folder.contents_line(config.output_dir))
         verdict = run.stage.verdict(validation_metrics)
         if verdict:
             say(verdict)

@@ -42,7 +42,7 @@ def checkpoints_dir(output_dir: str) -> str:
     return os.path.join(output_dir, CHECKPOINTS)
 
 
-def describe(output_dir: str) -> str:
+def contents_line(output_dir: str) -> str:
     return f"run folder {output_dir}: {CONTENTS}"
 
 
