@@ -58,6 +58,12 @@ class TrainConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    optimizer: str = _f(
+        "adamw",
+        "adamw (torch.optim.AdamW, fp32 state: 8 bytes per trained parameter) or adamw8bit "
+        "(bitsandbytes' blockwise 8-bit AdamW: about 2 bytes per parameter; tensors under 4096 "
+        "values keep fp32 state)",
+    )
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
     lr_scheduler: str = _f(
         "constant", "diffusers scheduler name: constant, constant_with_warmup, cosine, linear ..."
@@ -97,6 +103,19 @@ class TrainConfig:
     num_inference_steps: Optional[int] = _f(None, "sampling steps of validation (DDIM)")
     guidance_scale: Optional[float] = _f(None, "classifier-free guidance of validation")
     logging_steps: int = _f(1, "log scalars every N optimiser steps")
+    # planning (no training)
+    plan: bool = _f(
+        False,
+        "plan one optimiser step of this configuration on tensors without data (no weights are read, "
+        "nothing is trained): peak GPU memory by kind, FLOPs, a roofline time for --plan-device, "
+        "whether it fits; then exit",
+    )
+    plan_device: str = _f("v100-32gb", "the card --plan estimates for (an unknown name lists the known ones)")
+    architecture: Optional[str] = _f(
+        None,
+        "--plan without --pretrained: the named architecture's configs (sd15, sd21, sdxl, tiny) "
+        "instead of a model folder's",
+    )
     text_dropout: Optional[float] = _f(None, "probability of an empty caption (classifier-free guidance)")
 
 
@@ -400,6 +419,7 @@ def validate(config) -> None:
         "data_format": ("auto", "synthetic", "unicontrolnet", "imagefolder", "webdataset"),
         "mixed_precision": ("no", "fp16", "bf16"),
         "loss_weighting": ("constant", "min-snr"),
+        "optimizer": ("adamw", "adamw8bit"),
     }
     if isinstance(config, ControlConfig):
         choices["adapter"] = ("kron", "full")
