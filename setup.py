@@ -343,7 +343,10 @@ if __name__ == "__main__":  # importable by tests without building
             # upper bounds: the next major versions are untested; constraints.txt pins what the README used
             "train": ["diffusers<1", "transformers<6", "safetensors", "accelerate<2", "tensorboard",
                       "opencv-python-headless<6", "webdataset", "tqdm", "pyyaml", "torchmetrics", "torch-fidelity",
-                      "pillow", "scipy"],
+                      "pillow", "scipy",
+                      # --optimizer adamw8bit: 0.50 is the first release whose 8-bit optimisers run on CPU
+                      # tensors; it needs Python >= 3.10 (on 3.9 the flag reports bitsandbytes missing)
+                      "bitsandbytes>=0.50,<1; python_version >= '3.10'"],
             "test": ["pytest", "matplotlib", "peft", "lycoris-lora"],
         },
         ext_modules=ext_modules,

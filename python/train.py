@@ -49,6 +49,7 @@ from elr_training.config import (
 from elr_training.data import ConditionMaker, ConditionSettings, build_training_data, build_validation_set
 from elr_training.loop import LoopState, Training, first_batch, fixed_batch_loss, mean_of, train_loop, weights_checksum
 from elr_training.models import load_components, tiny_components, weight_dtype_of
+from elr_training.optim import make_optimizer
 from elr_training.run_log import RunLog, environment
 from elr_training.stages import STAGES
 
@@ -215,8 +216,7 @@ def set_up(config, accelerator):
         f"{config.train_batch_size} per process and epoch, {accelerator.num_processes} process(es); "
         f"{max_steps or 'all'} optimiser steps")
 
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    optimizer = make_optimizer(config, params)
     if max_steps is None and config.lr_scheduler not in ("constant", "constant_with_warmup"):
         raise ValueError(f"--lr-scheduler {config.lr_scheduler} needs a known length: give --max-train-steps "
                          f"(streamed shards have no length)")

@@ -184,7 +184,8 @@ def _final_weights(folder):
     return load_file(os.path.join(checkpoints, last, "model.safetensors"))
 
 
-def test_resume_gives_the_weights_of_an_unbroken_run(tmp_path, student):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_resume_gives_the_weights_of_an_unbroken_run(tmp_path, student, optimizer):
     common = (
         "--backbone",
         str(student[0]),
@@ -194,6 +195,8 @@ def test_resume_gives_the_weights_of_an_unbroken_run(tmp_path, student):
         "16",
         "--gradient-accumulation-steps",
         "1",
+        "--optimizer",
+        optimizer,
     )
     run(2, tmp_path / "straight", *common, steps=4, lr=1e-3)
     run(2, tmp_path / "broken", *common, steps=2, lr=1e-3)
@@ -201,11 +204,133 @@ def test_resume_gives_the_weights_of_an_unbroken_run(tmp_path, student):
     assert resumed["global_step"] == 4
     straight, broken = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "broken")
     assert straight.keys() == broken.keys()
-    for name in straight:
-        torch.testing.assert_close(broken[name], straight[name], rtol=0, atol=1e-6, msg=name)
+    for name in straight:  # bit for bit: the optimiser state came back exactly
+        torch.testing.assert_close(broken[name], straight[name], rtol=0, atol=0, msg=name)
+    if optimizer == "adamw8bit":  # what came back was the 8-bit state, not a re-initialised one
+        from elr_training.optim import state_tensors
+
+        checkpoint = tmp_path / "broken" / "checkpoints" / "checkpoint-2"
+        saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        dtypes = {value.dtype for state in saved["state"].values() for value in state_tensors(state)}
+        assert torch.uint8 in dtypes, dtypes
     # the data position came back too: the resumed run saw batches 3 and 4 of the epoch, not 1 and 2
     with open(tmp_path / "broken" / "checkpoints" / "checkpoint-4" / "state.json") as f:
         assert json.load(f)["batch_in_epoch"] == 4
+
+
+# Not the defaults, so that a hyper-parameter the construction leaves out shows; and how they read in
+# a param group (lr, betas, weight_decay, eps).
+HYPER_PARAMETERS = dict(learning_rate=3e-4, adam_beta1=0.8, adam_beta2=0.95, adam_weight_decay=0.05,
+                        adam_epsilon=1e-6)
+IN_PARAM_GROUP = (3e-4, (0.8, 0.95), 0.05, 1e-6)
+
+
+def _tiny_config(**values):
+    from elr_training.config import ControlConfig, make_config
+
+    return make_config(ControlConfig, {"max_train_steps": 1, **HYPER_PARAMETERS, **values})[0]
+
+
+def _hyper_parameters(group):
+    return group["lr"], group["betas"], group["weight_decay"], group["eps"]
+
+
+def test_make_optimizer_adamw_is_the_old_construction():
+    """--optimizer adamw builds what set_up built before the flag existed: torch's AdamW with the
+    config's hyper-parameters, and its state is two fp32 moments and a step per tensor."""
+    from elr_training.optim import make_optimizer, optimizer_state_bytes
+
+    config = _tiny_config()
+    params = [torch.nn.Parameter(torch.randn(64, 80)), torch.nn.Parameter(torch.randn(80))]
+    made = make_optimizer(config, params)
+    old = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                            weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    assert type(made) is torch.optim.AdamW
+    assert len(made.param_groups) == len(old.param_groups) == 1
+    group, old_group = made.param_groups[0], old.param_groups[0]
+    assert group == old_group  # the same tensors and every setting (amsgrad, foreach ...) the same
+    assert _hyper_parameters(group) == IN_PARAM_GROUP
+    assert optimizer_state_bytes(made) == 0  # no state before the first step
+    sum(p.square().sum() for p in params).backward()
+    made.step()
+    assert optimizer_state_bytes(made) == sum(8 * p.numel() + 4 for p in params)  # exp_avg, exp_avg_sq, step
+
+
+def test_make_optimizer_adamw8bit_takes_the_same_hyper_parameters():
+    import bitsandbytes
+
+    from elr_training.optim import make_optimizer
+
+    config = _tiny_config(optimizer="adamw8bit")
+    made = make_optimizer(config, [torch.nn.Parameter(torch.randn(64, 80))])
+    assert type(made) is bitsandbytes.optim.AdamW8bit
+    assert _hyper_parameters(made.param_groups[0]) == IN_PARAM_GROUP
+    assert (made.args.optim_bits, made.args.min_8bit_size) == (8, 4096)
+
+
+def test_optimizer_adamw8bit_without_bitsandbytes_says_what_to_install(monkeypatch):
+    from elr_training.optim import make_optimizer
+
+    config = _tiny_config(optimizer="adamw8bit")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # None in sys.modules: the import fails
+    monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
+    expected = r"--optimizer adamw8bit needs bitsandbytes.*pip install bitsandbytes"
+    with pytest.raises(ImportError, match=expected):
+        make_optimizer(config, [torch.nn.Parameter(torch.randn(4))])
+
+
+def test_optimizer_flag_rejects_an_unknown_name():
+    from elr_training.config import parse_config
+
+    with pytest.raises(ValueError, match=r"^--optimizer must be one of \['adamw', 'adamw8bit'\], got 'sgd'$"):
+        parse_config(["--stage", "2", "--optimizer", "sgd"])
+    from elr_training.optim import make_optimizer
+
+    config = _tiny_config()
+    config.optimizer = "sgd"  # past validation, make_optimizer still names the flag
+    with pytest.raises(ValueError, match=r"^--optimizer must be one of"):
+        make_optimizer(config, [torch.nn.Parameter(torch.randn(4))])
+
+
+def _expected_adamw8bit_bytes(params):
+    """What bitsandbytes' AdamW8bit allocates (its defaults: 256-value blocks, min_8bit_size 4096): per
+    tensor of n >= 4096 values two uint8 moments (2n) and two fp32 absmax per block; under 4096 two
+    fp32 moments (8n); and once, the two 256-value fp32 qmaps that every 8-bit tensor shares."""
+    large = [p.numel() for p in params if p.numel() >= 4096]
+    small = [p.numel() for p in params if p.numel() < 4096]
+    quantised = sum(2 * n + 2 * 4 * math.ceil(n / 256) for n in large)
+    return quantised, quantised + 8 * sum(small) + (2 * 256 * 4 if large else 0)
+
+
+def test_optimizer_adamw8bit_trains_stage2_in_about_2_bytes_per_parameter(tmp_path, student, monkeypatch):
+    from elr_training.optim import make_optimizer, optimizer_state_bytes
+
+    built = {}
+
+    def keep(config, params):  # the optimiser set_up builds, and the trained weights before step 1
+        built["initial"] = [p.detach().clone() for p in params]
+        built["optimizer"] = make_optimizer(config, params)
+        return built["optimizer"]
+
+    monkeypatch.setattr(train, "make_optimizer", keep)
+    metrics = run(2, tmp_path, "--backbone", str(student[0]), "--optimizer", "adamw8bit", steps=4, lr=3e-3)
+    assert math.isfinite(metrics["fixed_batch_loss_after"]), metrics
+    assert all(math.isfinite(loss) for _, loss in metrics["loss_history"]["train/loss"])
+
+    optimizer = built["optimizer"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    changed = [not torch.equal(p.detach(), before) for p, before in zip(params, built["initial"])]
+    assert all(changed), f"{sum(changed)} of {len(params)} trained tensors changed"
+    large = [p for p in params if p.numel() >= 4096]
+    assert large, [tuple(p.shape) for p in params]
+    for p in large:  # the moments of the large tensors are 8-bit, in the parameter's shape
+        state = optimizer.state[p]
+        for key in ("state1", "state2"):
+            assert (state[key].dtype, state[key].shape) == (torch.uint8, p.shape), key
+    quantised, expected = _expected_adamw8bit_bytes(params)
+    assert optimizer_state_bytes(optimizer) == expected
+    per_value = quantised / sum(p.numel() for p in large)
+    assert 2.0 < per_value <= 2.04, per_value  # 2 bytes plus 8 bytes of absmax per 256 values
 
 
 def test_damaged_latest_checkpoint_resumes_from_the_one_before_saying_so(tmp_path, student, capsys):
