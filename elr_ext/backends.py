@@ -11,20 +11,29 @@ Default: the fastest available backend that implements the op for the tensor's d
 with the environment variable ELR_EXT_BACKEND or the `use_backend` context manager. A requested
 backend that cannot run an op on a device falls back to the default, with one warning per
 (op, backend, device type).
+
+Planning (the end of this file): `planned_backend` says whose allocations the ops' fake kernels
+describe, and the helpers the ops' `workspaces` functions share.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import json
+import math
 import os
 import sys
 import threading
 import warnings
-from typing import Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 BACKENDS = ("cuda", "cpu", "triton", "torch")
 _PREFERENCE = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
@@ -311,3 +320,161 @@ def build_info() -> dict:
         if module is not None and hasattr(module, "build_info"):
             info[f"{backend}_binary"] = dict(module.build_info())
     return info
+
+
+# ------------------------------------------------------------------------------------ planning
+DEFAULT_PLANNED_SM_COUNT = 132  # H100 / H200 SXM: the most SMs among the usual planned cards
+_planned = contextvars.ContextVar("elr_ext_planned_backend", default=("cuda", DEFAULT_PLANNED_SM_COUNT))
+
+
+@contextlib.contextmanager
+def planned_backend(name: str, sm_count: int = DEFAULT_PLANNED_SM_COUNT) -> Iterator[None]:
+    """Inside the block, the fake kernels of elr_ext's custom ops allocate (as fake tensors) the
+    workspaces backend `name` ("cuda", "cpu", "triton" or "torch") would allocate for the call, and
+    the ops' `workspaces` functions describe that backend. A memory planner that runs a step under
+    FakeTensorMode sets it; outside any block it is "cuda" (a plan is usually for a GPU). A
+    TorchDispatchMode tracker does not see what a fake kernel allocates inside itself: it gets the
+    same workspaces from each op file's PLAN_WORKSPACES hooks (tracker_hooks).
+
+    sm_count: the planned GPU's multiprocessor count, which sizes the few workspaces that depend on
+    the grid (the dA partials of the fused CUDA Kronecker backward, the split partials of the Triton
+    kernels); it matters only for calls of fewer tokens than about 2 blocks per SM.
+
+    Kept in a contextvars.ContextVar: nested blocks restore the outer value on exit, and a thread
+    started inside a block begins at the default. "triton" loads elr_ext.triton (for the Kronecker
+    kernels' `supported`), which fixes Triton's interpreted or compiled mode for the process."""
+    if name not in BACKENDS:
+        raise ValueError(f"planned backend {name!r} is not a backend; expected one of {', '.join(BACKENDS)}")
+    if isinstance(sm_count, bool) or not isinstance(sm_count, int) or sm_count < 1:
+        raise ValueError(f"sm_count must be a positive int, got {sm_count!r}")
+    token = _planned.set((name, sm_count))
+    try:
+        yield
+    finally:
+        _planned.reset(token)
+
+
+def current_planned_backend() -> str:
+    """The backend the fake kernels describe: the innermost planned_backend block's, else "cuda"."""
+    return _planned.get()[0]
+
+
+def planned_sm_count() -> int:
+    """The SM count of the innermost planned_backend block, else DEFAULT_PLANNED_SM_COUNT."""
+    return _planned.get()[1]
+
+
+class Workspace(NamedTuple):
+    """One transient tensor a backend allocates for a call besides the outputs (elr_ext/ops/*.py:
+    `workspaces`)."""
+    name: str
+    shape: tuple
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def acc_bytes(dtype: torch.dtype) -> int:
+    """sizeof(acc_t<T>) for tensors of `dtype`: 8 for fp64, else 4."""
+    return 8 if dtype == torch.float64 else 4
+
+
+def acc_values(name: str, count: int, dtype: torch.dtype) -> Workspace:
+    """`count` values of the accumulation type of `dtype` (acc_t<T>: fp64 for fp64, else fp32)."""
+    return Workspace(name, (count,), torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def byte_workspace(name: str, nbytes: int) -> Workspace:
+    """A wrapper's `at::empty({bytes}, kByte)`."""
+    return Workspace(name, (nbytes,), torch.uint8)
+
+
+def align256(nbytes: int) -> int:
+    """csrc/kernels/cuda_common.cuh: align256, the rounding of every CUDA byte workspace."""
+    return -(-nbytes // 256) * 256
+
+
+def larger(*phases: Sequence[Workspace]) -> list:
+    """The phase with the most bytes: of transients that live one after another, the ones alive at
+    the wrapper's peak."""
+    return list(max(phases, key=lambda phase: sum(w.nbytes for w in phase)))
+
+
+def has_symbolic_sizes(tensors: Iterable) -> bool:
+    """Whether any tensor (nested lists allowed) has a symbolic size (torch.compile with dynamic
+    shapes). The fake kernels then leave the workspaces out: sizing them would guard on the shapes."""
+    return any(isinstance(t, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in t.shape)
+               for t in tree_flatten(list(tensors))[0])
+
+
+def allocate(workspaces: Iterable[Workspace], device: torch.device) -> list:
+    """The workspaces as (fake, under FakeTensorMode) tensors, alive together until the list goes."""
+    return [torch.empty(w.shape, dtype=w.dtype, device=device) for w in workspaces]
+
+
+GRAIN_SIZE = 32768  # at::internal::GRAIN_SIZE
+
+
+def cpu_parallel_tasks(units: int, numel: int) -> int:
+    """How many tasks (each with its own scratch, all alive at once) the CPU wrappers' at::parallel_for
+    runs over `units` work units of an op of `numel` values (csrc/aten_wrapper_util.h: AtenParallelFor,
+    then ATen's OpenMP invoke_parallel) with torch.get_num_threads() threads."""
+    if units <= 0:
+        return 0
+    grain = max(1, GRAIN_SIZE // max(1, numel // units))
+    threads = torch.get_num_threads()
+    if units <= grain or units == 1 or threads == 1:
+        return 1
+    chunk = -(-units // min(threads, -(-units // grain)))
+    return -(-units // chunk)
+
+
+class _AllocationPeak(TorchDispatchMode):
+    """Live bytes of the storages the ops run inside it create, and their peak; the storages of
+    `inputs` (which views of them return) are not counted."""
+
+    def __init__(self, inputs=()):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen = weakref.WeakKeyDictionary()
+        for t in tree_flatten(list(inputs))[0]:
+            if isinstance(t, torch.Tensor):
+                self._seen[t.untyped_storage()] = True
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self._seen:
+                storage = t.untyped_storage()
+                self._seen[storage] = True
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._release, storage.nbytes())
+        return out
+
+
+def transient_peak(name: str, fn: Callable, *args) -> list:
+    """What `fn(*args)` (a backend written in torch ops, e.g. the `torch` backend's functions) holds
+    at its peak beyond what it leaves alive (its outputs), measured by running it (on fake tensors
+    when the arguments are fake), as one byte workspace: the intermediates of the reference's
+    einsums and dtype conversions, without a formula to keep in step with elr_ext/reference.py."""
+    with _AllocationPeak(args) as peak:
+        out = fn(*args)
+        extra = peak.peak - peak.live
+        del out
+    return [byte_workspace(name, extra)] if extra > 0 else []
+
+
+def tracker_hooks(workspaces: Callable, ops: Iterable[str]) -> dict:
+    """An op file's `workspaces(op, *args)` as the per-op hooks elr_ext.plan.tracker.StepTracker
+    takes: {op name: fn(args, kwargs) -> [(shape, dtype)]}, for the current planned backend. A
+    TorchDispatchMode does not see what a fake kernel allocates inside itself (the mode is off
+    while the op it intercepts runs), so a tracker allocates these beside the op's outputs."""
+    def hook(op: str) -> Callable:
+        return lambda args, kwargs: [(w.shape, w.dtype) for w in workspaces(op, *args, **(kwargs or {}))]
+    return {op: hook(op) for op in ops}

@@ -26,6 +26,9 @@ makes two calls (K = 1 for q on the hidden states, K = 2 for k, v on the text co
   backend through an autograd.Function (the custom op's Python layer costs tens of microseconds per
   call, as much as the GEMMs at SD's smallest token counts); traced calls use the custom ops. Both
   share _save and _backward.
+- planning: the fake kernels allocate the workspaces of the backend elr_ext.backends.planned_backend
+  names (`workspaces` has the table), and torch.utils.flop_counter formulas count the GEMMs' FLOPs
+  (next to each fake kernel).
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends, reference
 from .._autocast import autocast_cast, autocast_dtype
 from .._checks import check_same_dtype_device, check_tensor
+from ..backends import Workspace, acc_values
 from .fdn import _traced
 
 
@@ -47,6 +52,113 @@ def _backend(native_op: str, x: torch.Tensor) -> str:
 def _empty_like_absent(x: torch.Tensor) -> torch.Tensor:
     """The stand-in for an absent bias or a gradient that was not computed."""
     return x.new_empty(0)
+
+
+# ------------------------------------------------------------- planning: what each backend allocates
+def workspaces(op: str, *args, backend: str | None = None, **kwargs) -> list:
+    """The transient tensors `backend` (default: backends.current_planned_backend()) allocates for one
+    call of elr_ext::<op> with these arguments besides the outputs, as the list of those alive
+    together at the wrapper's peak (the fake kernels allocate them beside the outputs). M tokens,
+    R = sum r_j, "dtype" x's dtype, acc the accumulation type (fp32; fp64 for fp64):
+
+    lowrank_proj_forward
+      cuda, cpu   the stacked downs [R, in] in dtype when K > 1, they are not one buffer already
+                  and the single GEMM is used (csrc/lowrank_proj_gemm.h: lowrank_stack_downs:
+                  fp16 / bf16, or 2*M >= R); freed before the y_j are made, so counting it beside
+                  them overstates the peak by at most R*in values
+      triton      the stacked downs [R, in] when K > 1 and not one buffer (it always stacks)
+    lowrank_proj_backward
+      cuda, cpu   dh [M, R] in dtype (dx or dB needed), and the stacked downs as in the forward (dx)
+      triton      copies of grad_ys whose last stride is not 1, dh [M, R] (dx or dB), then the
+                  largest of: the split-K partials and their sum of each dA_j ([splits, out_j, r_j]
+                  + [out_j, r_j] acc), those of dB ([splits, R, in] + [R, in] acc), the stacked
+                  downs (dx); splits as _gemm(long_k=True) picks them for the planned SM count.
+                  The dA_j partials come before dh exists, so they are counted beside more than
+                  is alive then
+    torch         the reference's intermediates, measured by running it (backends.transient_peak)
+
+    Under symbolic sizes (torch.compile with dynamic shapes) the list is empty: computing it would
+    guard on the shapes."""
+    backend = backend or backends.current_planned_backend()
+    if backends.has_symbolic_sizes(args + tuple(kwargs.values())):
+        return []
+    return [w for w in _WORKSPACES[op](backend, *args, **kwargs) if w.nbytes > 0]
+
+
+_MEASURED = "reference intermediates"  # the torch backend's workspace, measured
+
+
+def _adjacent(downs) -> bool:
+    """lowrank_downs_adjacent: the downs lie back to back in one buffer, so stacking them is a view."""
+    storage, offset = downs[0].untyped_storage()._cdata, downs[0].storage_offset()
+    for B in downs:
+        if not B.is_contiguous() or B.untyped_storage()._cdata != storage or B.storage_offset() != offset:
+            return False
+        offset += B.numel()
+    return True
+
+
+def _stacked_copy(x, downs) -> list:
+    """The [R, in] copy of the downs that stacking them makes (none when K = 1 or already one buffer)."""
+    if len(downs) == 1 or _adjacent(downs):
+        return []
+    return [Workspace("stacked downs", (sum(B.shape[0] for B in downs), x.shape[1]), x.dtype)]
+
+
+def _native_stacks(x, downs) -> bool:
+    """lowrank_stack_downs: one GEMM over the stacked downs (else one per down, no copy)."""
+    R = sum(B.shape[0] for B in downs)
+    return x.dtype in (torch.float16, torch.bfloat16) or 2 * x.shape[0] >= R
+
+
+def _triton_long_k(name, rows, cols, K, dtype) -> list:
+    """The fp32 partials [splits, rows, cols] and their sum of _gemm(long_k=True) in
+    elr_ext/triton/lowrank_proj.py, for a GPU of the planned SM count (none when K is not split)."""
+    if rows == 0 or cols == 0 or K == 0:
+        return []
+    tiles = -(-rows // 64) * -(-cols // 64)
+    splits = max(1, min(-(-4 * backends.planned_sm_count() // tiles), -(-K // 1024), 64))
+    splits = -(-K // -(-K // splits))
+    if splits == 1:
+        return []
+    return [acc_values(f"{name} partials", splits * rows * cols, dtype),
+            acc_values(f"{name} sum", rows * cols, dtype)]
+
+
+def _forward_workspaces(backend, x, downs, ups, biases):
+    if backend == "torch":
+        return backends.transient_peak(_MEASURED, _forward_torch, x, downs, ups, biases)
+    if backend == "triton" or _native_stacks(x, downs):
+        return _stacked_copy(x, downs)
+    return []
+
+
+def _backward_triton_workspaces(grad_ys, x, downs, ups, needs_x, needs_downs, needs_ups):
+    M, R, dtype = x.shape[0], sum(B.shape[0] for B in downs), x.dtype
+    copies = [Workspace(f"grad_ys[{j}] copy", tuple(g.shape), g.dtype) for j, g in enumerate(grad_ys)
+              if g.stride(-1) != 1]
+    dh = [Workspace("dh", (M, R), dtype)] if needs_x or needs_downs else []
+    phases = [_triton_long_k(f"dA_{j}", A.shape[0], A.shape[1], M, dtype)
+              for j, (A, need) in enumerate(zip(ups, needs_ups)) if need]
+    phases.append(_triton_long_k("dB", R, x.shape[1], M, dtype) if needs_downs else [])
+    phases.append(_stacked_copy(x, downs) if needs_x else [])
+    return copies + dh + backends.larger(*phases)
+
+
+def _backward_workspaces(backend, grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups, needs_biases):
+    if backend == "torch":
+        return backends.transient_peak(_MEASURED, _backward_torch, grad_ys, x, h, downs, ups, needs_x,
+                                       needs_downs, needs_ups, needs_biases)
+    if backend == "triton":
+        return _backward_triton_workspaces(grad_ys, x, downs, ups, needs_x, needs_downs, needs_ups)
+    if not (needs_x or needs_downs):
+        return []
+    stacked = _stacked_copy(x, downs) if needs_x and _native_stacks(x, downs) else []
+    return [Workspace("dh", (x.shape[0], sum(B.shape[0] for B in downs)), x.dtype)] + stacked
+
+
+_WORKSPACES = {"lowrank_proj_forward": _forward_workspaces, "lowrank_proj_backward": _backward_workspaces}
+PLAN_WORKSPACES = backends.tracker_hooks(workspaces, _WORKSPACES)
 
 
 # --------------------------------------------------------------------------- backends: forward
@@ -81,9 +193,21 @@ def lowrank_proj_forward(
 
 
 @lowrank_proj_forward.register_fake
-def _(x, downs, ups, biases):
+def _forward_fake(x, downs, ups, biases):
+    # the planned backend's workspaces (sized first: the torch backend's are measured by running it),
+    # then the outputs, then the workspaces alive beside them and freed, as the wrappers do
+    scratch = workspaces("lowrank_proj_forward", x, downs, ups, biases)
     ranks = sum(B.shape[0] for B in downs)
-    return [x.new_empty((x.shape[0], A.shape[0])) for A in ups], x.new_empty((x.shape[0], ranks))
+    out = [x.new_empty((x.shape[0], A.shape[0])) for A in ups], x.new_empty((x.shape[0], ranks))
+    backends.allocate(scratch, x.device)
+    return out
+
+
+@register_flop_formula(torch.ops.elr_ext.lowrank_proj_forward)
+def _forward_flops(x_shape, downs_shapes, ups_shapes, *_, **__) -> int:
+    """2 per multiply-add: h = x [B_1; ...; B_K]^T (in*R per token) and y_j = h_j A_j^T (r_j*out_j)."""
+    M, d_in = x_shape
+    return 2 * M * (d_in * sum(B[0] for B in downs_shapes) + sum(A[0] * A[1] for A in ups_shapes))
 
 
 # -------------------------------------------------------------------------- backends: backward
@@ -129,13 +253,30 @@ def lowrank_proj_backward(
 
 
 @lowrank_proj_backward.register_fake
-def _(grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups, needs_biases):
-    return (
+def _backward_fake(grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups, needs_biases):
+    scratch = workspaces("lowrank_proj_backward", grad_ys, x, h, downs, ups, needs_x, needs_downs, needs_ups,
+                         needs_biases)
+    out = (
         torch.empty_like(x, memory_format=torch.contiguous_format) if needs_x else _empty_like_absent(x),
         x.new_empty((h.shape[1], x.shape[1])) if needs_downs else _empty_like_absent(x),
         [torch.empty_like(A) if need else _empty_like_absent(x) for A, need in zip(ups, needs_ups)],
         [x.new_empty((A.shape[0],)) if need else _empty_like_absent(x) for A, need in zip(ups, needs_biases)],
     )
+    backends.allocate(scratch, x.device)
+    return out
+
+
+@register_flop_formula(torch.ops.elr_ext.lowrank_proj_backward)
+def _backward_flops(grad_ys_shapes, x_shape, h_shape, downs_shapes, ups_shapes, needs_x, needs_downs,
+                    needs_ups, *_, **__) -> int:
+    """2 per multiply-add of the gradients asked for: dA_j = dy_j^T h_j (out_j*r_j per token, each
+    needed one), dh_j = dy_j A_j (out_j*r_j, for dx or dB), dB = dh^T x and dx = dh [B_1; ...; B_K]
+    (in*R each). The bias gradients are sums (no multiply-adds)."""
+    M, d_in = x_shape
+    R, blocks = h_shape[1], [A[0] * A[1] for A in ups_shapes]
+    dups = sum(n for n, need in zip(blocks, needs_ups) if need)
+    dh = sum(blocks) if needs_x or needs_downs else 0
+    return 2 * M * (dups + dh + d_in * R * (bool(needs_downs) + bool(needs_x)))
 
 
 # ------------------------------------------------------------------------------------ autograd
