@@ -34,7 +34,7 @@ from elr_ext import tiny  # noqa: E402
 from elr_ext.decompose import CONFIG_FORMAT, apply_decomposition_config  # noqa: E402
 from elr_ext.nn import count_parameters  # noqa: E402
 from elr_ext.nn.control_adapter import LocalControlAdapter  # noqa: E402
-from elr_ext.unet_configs import SD21_UNET_CONFIG  # noqa: E402
+from elr_ext.architectures import SD21_UNET_CONFIG  # noqa: E402
 
 # Stable Diffusion 2.1's UNet at 512 px -> 64 latent.
 SD21_UNET = {**SD21_UNET_CONFIG, "sample_size": 64}

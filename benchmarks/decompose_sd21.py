@@ -33,7 +33,7 @@ import harness  # noqa: E402  (RESULTS_DIR)
 
 import elr_ext  # noqa: E402
 from elr_ext.decompose import DEFAULT_RANK_RATIO  # noqa: E402
-from elr_ext.unet_configs import SD21_UNET_CONFIG  # noqa: E402
+from elr_ext.architectures import SD21_UNET_CONFIG  # noqa: E402
 
 SD21_TEXT_ENCODER = dict(  # text_encoder/config.json (CLIPTextModel)
     vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,

@@ -61,7 +61,7 @@ import harness  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
 import elr_ext  # noqa: E402
 from elr_ext.nn import count_parameters  # noqa: E402
-from elr_ext.unet_configs import SD21_UNET_CONFIG  # noqa: E402
+from elr_ext.architectures import SD21_UNET_CONFIG  # noqa: E402
 from elr_training.config import PRESETS  # noqa: E402
 from elr_training.data.conditions import condition_channels  # noqa: E402  (the training app's channel counts)
 
@@ -258,8 +258,10 @@ def _unet_config(cfg: StepConfig):
 
 
 def child(cfg: StepConfig, arm_name: str, job: str, device: torch.device, autocast_dtype, warmup: int,
-          steps: int, backbones: Optional[str]) -> dict:
+          steps: int, backbones: Optional[str], plan_device: str = "cpu") -> dict:
     arm = ARMS[arm_name]
+    if job == "plan":
+        return plan_arm(cfg, arm_name, plan_device, autocast_dtype)
     if job == "params":  # exact counts only: no step, no warm-up
         unet, adapter, _ = build_arm(cfg, arm, device, backbones)
         return {"arm": arm_name, "job": job, **parameter_counts(unet, adapter)}
@@ -315,6 +317,35 @@ def child(cfg: StepConfig, arm_name: str, job: str, device: torch.device, autoca
     return out
 
 
+def plan_arm(cfg: StepConfig, arm_name: str, plan_device: str, autocast_dtype) -> dict:
+    """One arm's step planned by elr_ext.plan on tensors without data: the same build and step as the
+    measured arms, on `plan_device` (a card of elr_ext.plan.DEVICES, or cpu)."""
+    from elr_ext.plan import PlannedStep, plan_step
+
+    def build():
+        unet, adapter, optimizer = build_arm(cfg, ARMS[arm_name], torch.device("cpu"))
+        if plan_device != "cpu":
+            for group in optimizer.param_groups:
+                group["foreach"] = True  # what torch.optim picks for CUDA tensors
+        inputs = make_inputs(cfg, _unet_config(cfg), torch.device("cpu"))
+
+        def loss():
+            down, mid = adapter(inputs["sample"], inputs["timesteps"], inputs["encoder_hidden_states"],
+                                inputs["condition"])
+            pred = unet(inputs["sample"], inputs["timesteps"], encoder_hidden_states=inputs["encoder_hidden_states"],
+                        down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+            return F.mse_loss(pred.float(), inputs["noise"].float())
+
+        return PlannedStep({"unet": unet, "adapter": adapter}, loss, optimizer)
+
+    plan = plan_step(build, device=plan_device, autocast_dtype=autocast_dtype, description=f"{arm_name}: {cfg.describe()}")
+    print(plan.format(), file=sys.stderr)
+    return {"arm": arm_name, "job": "plan", "peak_memory_bytes": plan.peak_bytes, "peak": plan.to_dict()["peak"],
+            "flops": plan.flops, "seconds_per_iteration": plan.seconds, "fits": plan.fits,
+            "trainable_params": plan.trainable_params, "total_params": plan.total_params,
+            "seconds_to_plan": plan.seconds_to_plan}
+
+
 def parameter_counts(unet, adapter) -> dict:
     return {"trainable_params": count_parameters(adapter.trainable_parameters()),
             "adapter_params": count_parameters(adapter),
@@ -323,13 +354,15 @@ def parameter_counts(unet, adapter) -> dict:
 
 
 def _child_args(args, arm: str, job: str, batch: int) -> List[str]:
-    return [os.path.abspath(__file__), "--child", arm, "--job", job, "--backbones", args.backbones,
+    return [os.path.abspath(__file__), "--child", arm, "--job", job] + \
+        (["--backbones", args.backbones] if args.backbones else []) + [
             "--config", args.config, "--batch", str(batch),
             "--latent", str(args.latent), "--device", args.device, "--warmup", str(args.warmup),
             "--steps", str(args.steps), "--conditions", ",".join(args.conditions), "--rank", str(args.rank),
             "--terms", str(args.terms), "--rank-ratio", str(args.rank_ratio)] + \
         (["--dtype", args.dtype] if args.dtype else []) + \
-        (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+        (["--gradient-checkpointing"] if args.gradient_checkpointing else []) + \
+        (["--simulate", "--plan-device", args.plan_device] if args.simulate else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,6 +500,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-timing", action="store_true", help="parameters and memory only (timing needs an idle machine)")
     p.add_argument("--params-only", action="store_true", help="exact parameter counts only (no step is run)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few steps: a smoke run")
+    p.add_argument("--simulate", action="store_true", help="plan every arm's step on tensors without data "
+                   "(elr_ext.plan) for --plan-device instead of running it: peak memory, FLOPs, roofline s/it")
+    p.add_argument("--plan-device", default="v100-32gb", help="--simulate: the card (elr_ext.plan.DEVICES) or cpu")
     p.add_argument("--out-dir", default=harness.RESULTS_DIR)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--job", default=None, help=argparse.SUPPRESS)
@@ -478,8 +514,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.latent = args.latent or 16
         args.batch = args.batch or [1]
         args.repeats, args.rounds, args.warmup = min(args.repeats, 3), 1, 1
+    if args.simulate:
+        gpu = args.plan_device != "cpu"
+        args.device = "cpu"
     if args.batch is None:
-        args.batch = [2] if args.config == "tiny" else ([1, 2, 4] if gpu else [1])
+        args.batch = [2] if args.config == "tiny" else ([1, 4, 8] if args.simulate and gpu else [1, 2, 4] if gpu else [1])
     if args.latent is None:
         args.latent = 32 if args.config == "tiny" else (64 if gpu else 32)
     args.steps = args.steps or (2 if args.quick else args.repeats)
@@ -494,14 +533,24 @@ def main(argv=None) -> List[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
     autocast_dtype = getattr(torch, args.dtype or "bfloat16") if device.type == "cuda" else None
+    if args.simulate:
+        autocast_dtype = getattr(torch, args.dtype or "float16") if args.plan_device != "cpu" else None
     precision = f"fp32 weights, autocast {autocast_dtype}" if autocast_dtype else "fp32"
 
     if args.child:  # one arm in this fresh process
         cfg = StepConfig(args.config, args.batch[0], args.latent, tuple(args.conditions), terms=args.terms,
                          rank=args.rank, rank_ratio=args.rank_ratio, gradient_checkpointing=args.gradient_checkpointing)
         print(json.dumps(child(cfg, args.child, args.job, device, autocast_dtype, args.warmup, args.steps,
-                               args.backbones)))
+                               args.backbones, args.plan_device)), flush=True)
+        if args.simulate:  # see python/train.py end_after_plan: a planned process may abort in teardown
+            sys.stderr.flush()
+            os._exit(0)
         return []
+    if args.simulate:
+        return [simulate_config(args, StepConfig(args.config, batch, args.latent, tuple(args.conditions),
+                                                 terms=args.terms, rank=args.rank, rank_ratio=args.rank_ratio,
+                                                 gradient_checkpointing=args.gradient_checkpointing), precision)
+                for batch in args.batch]
 
     print("train_step settings: " + ", ".join(f"{k}={v}" for k, v in vars(args).items() if k not in ("child", "job")))
     configs = [StepConfig(args.config, batch, args.latent, tuple(args.conditions), terms=args.terms, rank=args.rank,
@@ -515,6 +564,61 @@ def main(argv=None) -> List[dict]:
     finally:
         if not keep:
             shutil.rmtree(args.backbones, ignore_errors=True)
+
+
+def simulate_config(args, cfg: StepConfig, precision: str) -> dict:
+    """Every arm planned (one fresh process each); beside a CPU plan, the measured peak of the same
+    configuration where a committed result has it, and the planner's error against it."""
+    print(f"== planned: {cfg.describe()} on {args.plan_device}", flush=True)
+    rows = []
+    for arm in args.arms:
+        res = harness.run_fresh(_child_args(args, arm, "plan", cfg.batch))
+        rows.append({"arm": arm, "description": ARMS[arm].label, **dataclasses.asdict(ARMS[arm]), **res})
+    summarise(rows)
+    stem = os.path.join(args.out_dir, f"train_step_plan_{args.plan_device}_{args.config}_b{cfg.batch}_s{args.latent}"
+                        + ("_ckpt" if args.gradient_checkpointing else ""))
+    measured_path = os.path.join(harness.RESULTS_DIR, f"train_step_cpu_{args.config}_b{cfg.batch}_s{args.latent}"
+                                 + ("_ckpt" if args.gradient_checkpointing else "") + ".json")
+    if args.plan_device == "cpu" and os.path.isfile(measured_path):
+        with open(measured_path) as f:
+            measured = {r["arm"]: r.get("peak_memory_bytes") for r in json.load(f)["rows"]}
+        for row in rows:
+            got = measured.get(row["arm"])
+            row["measured_peak_bytes"] = got
+            row["plan_error"] = (row["peak_memory_bytes"] / got - 1) if got and row.get("peak_memory_bytes") else None
+    result = {"benchmark": "train_step --simulate", "plan_device": args.plan_device, "config": dataclasses.asdict(cfg),
+              "config_description": cfg.describe(), "device": f"planned for {args.plan_device}",
+              "precision": precision, "timing": "roofline estimate (elr_ext.plan)", "torch": torch.__version__,
+              "measured_from": measured_path if args.plan_device == "cpu" else None,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+    table = format_table(result) + "\n" + plan_lines(rows)
+    print(table, flush=True)
+    os.makedirs(args.out_dir, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(result, indent=1)), (".txt", table + "\n")):
+        with open(stem + suffix + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(stem + suffix + ".tmp", stem + suffix)
+    plot(result, stem + ".png")
+    print(f"wrote {stem}.json, .txt and .png")
+    return result
+
+
+def plan_lines(rows: List[dict]) -> str:
+    """The planned numbers the table has no column for: FLOPs, where the peak falls, the planner's error."""
+    base = next((r for r in rows if r["arm"] == BASELINE and r.get("flops")), None)
+    lines = []
+    for r in rows:
+        if not r.get("peak"):
+            lines.append(f"{r['arm']:12s} not planned")
+            continue
+        flops = f"{r['flops'] / 1e12:.2f} TFLOP" + (f" ({r['flops'] / base['flops']:.3f}x)" if base else "")
+        split = ", ".join(f"{k} {v / 2 ** 30:.2f}" for k, v in r["peak"]["split"].items() if v >= 2 ** 26)
+        error = ""
+        if r.get("plan_error") is not None:
+            error = f"; measured {r['measured_peak_bytes'] / 2 ** 30:.2f} GiB, plan error {r['plan_error'] * 100:+.1f} %"
+        lines.append(f"{r['arm']:12s} {flops}; peak in {r['peak']['phase']} ({split} GiB){error}; "
+                     f"planned in {r['seconds_to_plan']:.0f} s")
+    return "\n".join(lines)
 
 
 def run_config(args, cfg: StepConfig, device, autocast_dtype, precision: str) -> dict:

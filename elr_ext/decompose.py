@@ -208,7 +208,12 @@ def _budget_ranks(spectra: Dict[str, torch.Tensor], dims: Dict[str, tuple], k_sa
     return ranks
 
 
-def _relative_error(weight: torch.Tensor, module: nn.Module) -> float:
+def _relative_error(weight: torch.Tensor, module: nn.Module) -> Optional[float]:
+    """None for a weight without data (a fake tensor of elr_ext.plan): there is no error to measure."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(weight):
+        return None
     w = weight.detach().to("cpu", torch.float64).flatten(1)
     approx = module.up.detach().to("cpu", torch.float64).flatten(1) @ module.down.detach().to("cpu", torch.float64).flatten(1)
     norm = torch.linalg.matrix_norm(w).item()

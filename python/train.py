@@ -82,6 +82,13 @@ INHERITED_BY_EARLIER_STAGES = (
 def main(argv=None) -> dict:
     # ---------------------------------------------------------------- arguments -> configuration
     config, sources = parse_config(argv)
+    if config.plan:  # one step on tensors without data: memory, FLOPs, time on --plan-device; no training
+        from elr_training.plan import run_plan
+
+        result = run_plan(config, place_models)
+        if __name__ == "__main__":
+            end_after_plan()
+        return result
     with reproducible(config):
         return train(config, sources)
 
@@ -366,6 +373,16 @@ def validate(stage, samples, step, log, config, accelerator) -> dict:
         accelerator.print(f"validation at step {step}: {summary_line(metrics)}")
     accelerator.wait_for_everyone()
     return metrics
+
+
+def end_after_plan() -> None:
+    """Leave the process at once after a plan. On torch 2.14.1 a process that ran a step under
+    FakeTensorMode sometimes aborts in the interpreter's teardown ("corrupted double-linked list"),
+    after everything was printed and written; the plan's numbers do not change between runs. Tests
+    and benchmarks therefore run plans in their own processes."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def summary_line(metrics: dict) -> str:

@@ -56,5 +56,8 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.
 def drop_text(captions: List[str], probability: float, generator: torch.Generator) -> List[str]:
     if probability <= 0:
         return list(captions)
-    draws = torch.rand(len(captions), generator=generator)
-    return ["" if u < probability else c for u, c in zip(draws, captions)]
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # real draws even while elr_ext.plan traces the step on fake tensors
+        draws = torch.rand(len(captions), generator=generator)
+        return ["" if u < probability else c for u, c in zip(draws, captions)]

@@ -185,17 +185,22 @@ class ConditionDropout:
     ):
         """Returns (captions, conditions) with dropout applied per sample. `generator` makes the draws
         reproducible (the training loop seeds it from the step, so a resumed run draws the same)."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
         n = len(captions)
-        u_text, u_mode = torch.rand(n, generator=generator), torch.rand(n, generator=generator)
-        u_each = torch.rand(n, len(types), generator=generator)
-        captions = ["" if u_text[i] < self.drop_text else c for i, c in enumerate(captions)]
-        keep = torch.ones(n, len(types), dtype=torch.bool)
-        drop_all = (u_mode >= self.keep_all) & (u_mode < self.keep_all + self.drop_all)
-        each = u_mode >= self.keep_all + self.drop_all
-        keep[drop_all] = False
-        if len(types) > 1:  # one condition: dropped with drop_all only (see the class docstring)
-            keep[each] = u_each[each] >= self.drop_each
-        channel_keep = torch.cat(
-            [keep[:, i : i + 1].expand(n, CONDITION_CHANNELS[t]) for i, t in enumerate(types)], 1
-        )
+        # The draws and the decisions on them are real values even while elr_ext.plan traces the step
+        # on fake tensors: which captions and conditions are dropped is decided here, on the CPU.
+        with unset_fake_temporarily():
+            u_text, u_mode = torch.rand(n, generator=generator), torch.rand(n, generator=generator)
+            u_each = torch.rand(n, len(types), generator=generator)
+            captions = ["" if u_text[i] < self.drop_text else c for i, c in enumerate(captions)]
+            keep = torch.ones(n, len(types), dtype=torch.bool)
+            drop_all = (u_mode >= self.keep_all) & (u_mode < self.keep_all + self.drop_all)
+            each = u_mode >= self.keep_all + self.drop_all
+            keep[drop_all] = False
+            if len(types) > 1:  # one condition: dropped with drop_all only (see the class docstring)
+                keep[each] = u_each[each] >= self.drop_each
+            channel_keep = torch.cat(
+                [keep[:, i : i + 1].expand(n, CONDITION_CHANNELS[t]) for i, t in enumerate(types)], 1
+            )
         return captions, conditions * channel_keep[:, :, None, None].to(conditions.dtype)

@@ -1,0 +1,13 @@
+"""Plan a training step before running it: peak memory by kind, FLOPs, and a roofline time on a named
+card, from one step on tensors that have shapes and no data (docs/planning.md).
+
+    plan = elr_ext.plan.plan_step(build, device="rtx4090-24gb", autocast_dtype=torch.bfloat16)
+    print(plan.format())
+"""
+
+from .devices import DEVICES, DeviceSpec, device_spec, fits
+from .step import PlannedStep, StepPlan, plan_step
+from .tracker import KINDS, PlanError
+
+__all__ = ["DEVICES", "DeviceSpec", "KINDS", "PlanError", "PlannedStep", "StepPlan", "device_spec", "fits",
+           "plan_step"]

@@ -1,0 +1,186 @@
+"""train.py --plan: one optimiser step of the configured stage on tensors without data
+(elr_ext.plan), then the peak memory by kind, FLOPs, a roofline time on --plan-device, whether it
+fits, and if not, the settings that would.
+
+The models come from configs only: a --pretrained folder's config files (no weights are read), a
+named --architecture (elr_ext.architectures: sd15, sd21, sdxl), or the tiny built-in one. The step
+is the stage's own: its loss (text encoder, VAE encoder, teacher or backbone, the trained model),
+backward, gradient clipping, the optimiser of --optimizer, with --mixed-precision,
+--train-batch-size, --resolution and --gradient-checkpointing as training would run them. Stage 2
+plans the adapter on the dense UNet of the model (what training does without --backbone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from types import SimpleNamespace
+from typing import List, Optional
+
+import torch
+
+from .models import Components, tiny_components, weight_dtype_of
+
+CONFIG_FILES = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
+                "scheduler": "scheduler_config.json"}
+
+
+class ShapeTokenizer:
+    """Token ids of the right shape (all zeros) for a model whose tokenizer files are not at hand."""
+
+    def __init__(self, model_max_length: int):
+        self.model_max_length = model_max_length
+
+    def __call__(self, captions, padding=None, max_length=None, truncation=None, return_tensors=None):
+        length = max_length or self.model_max_length
+        return SimpleNamespace(input_ids=torch.zeros(len(captions), length, dtype=torch.long))
+
+
+def planned_components(config) -> Components:
+    """The stage's starting models, built from configs (call under elr_ext.plan: every weight is fake)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if config.pretrained:
+        folder = config.pretrained
+        for part, name in CONFIG_FILES.items():
+            path = os.path.join(folder, part, name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--pretrained {folder}: missing {path} (the {part} config --plan builds from)")
+        tokenizer_dir = os.path.join(folder, "tokenizer")
+        text_config = CLIPTextConfig.from_pretrained(os.path.join(folder, "text_encoder"))
+        tokenizer = ShapeTokenizer(text_config.max_position_embeddings)
+        if os.path.isdir(tokenizer_dir):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        return Components(
+            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(folder, "unet"))),
+            text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer,
+            noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(folder, "vae"))), source=folder)
+    if config.architecture in (None, "tiny"):
+        return tiny_components(config.seed)
+    from elr_ext.architectures import architecture
+
+    arch = architecture(config.architecture)
+    if len(arch.text_encoders) > 1:
+        raise ValueError(f"--architecture {arch.name}: the training stages do not take its "
+                         f"{len(arch.text_encoders)} text encoders and added conditioning yet")
+    text_config = CLIPTextConfig(**arch.text_encoders[0])
+    return Components(unet=UNet2DConditionModel(**arch.unet), text_encoder=CLIPTextModel(text_config),
+                      tokenizer=ShapeTokenizer(text_config.max_position_embeddings),
+                      noise_scheduler=DDPMScheduler(**arch.scheduler), vae=AutoencoderKL(**arch.vae),
+                      source=f"--architecture {arch.name}")
+
+
+def planned_batch(config, components) -> dict:
+    from .data import condition_channels
+
+    b, side = config.train_batch_size, config.resolution
+    batch = {"pixel_values": torch.zeros(b, 3, side, side), "captions": ["a photo"] * b}
+    if hasattr(config, "condition_types"):
+        batch["conditions"] = torch.zeros(b, condition_channels(config.condition_types), side, side)
+    return batch
+
+
+def build_planned_step(config, place_models):
+    """A function that builds the stage and returns elr_ext.plan.PlannedStep (elr_ext.plan.plan_step
+    calls it under its fake-tensor mode)."""
+    from elr_ext.plan import PlannedStep
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    from .optim import make_optimizer
+    from .stages import STAGES
+
+    def build():
+        device = torch.device("cpu")
+        components = planned_components(config)
+        stage = STAGES[config.stage](config, components, device, lambda *a, **k: None)
+        model = place_models(config, stage, components, device)
+        named = dict(model.named_parameters())
+        params = [named[n] for n in stage.trained_names()]
+        with unset_fake_temporarily():  # bitsandbytes builds its code books from real values
+            optimizer = make_optimizer(config, params)
+        if config.optimizer == "adamw" and config.plan_device != "cpu":
+            for group in optimizer.param_groups:
+                group["foreach"] = True  # what torch.optim picks for CUDA tensors
+        batch = planned_batch(config, components)
+        generator = torch.Generator().manual_seed(config.seed)
+        models = {"trained": model, **{f"frozen{i}": m for i, m in enumerate(
+            [components.text_encoder, components.vae, *stage.frozen_modules()]) if m is not None and m is not model}}
+        return PlannedStep(models=models, loss=lambda: stage.loss(model, batch, generator)[0],
+                           optimizer=optimizer, max_grad_norm=config.max_grad_norm)
+
+    return build
+
+
+def describe_run(config) -> str:
+    source = config.pretrained or config.architecture or "tiny"
+    return (f"stage {config.stage} on {source}, batch {config.train_batch_size}, {config.resolution} px, "
+            f"mixed precision {config.mixed_precision}, optimizer {config.optimizer}"
+            + (", gradient checkpointing" if config.gradient_checkpointing else ""))
+
+
+def plan_config(config, place_models):
+    from elr_ext.plan import plan_step
+
+    autocast = weight_dtype_of(config.mixed_precision)
+    return plan_step(build_planned_step(config, place_models), device=config.plan_device,
+                     autocast_dtype=None if autocast == torch.float32 else autocast, description=describe_run(config))
+
+
+def savings(config) -> List[dict]:
+    """Settings to try when a plan does not fit, each adding to the one before: gradient
+    checkpointing, the 8-bit optimiser, then halving the batch (with gradient accumulation keeping
+    the effective batch)."""
+    steps, current = [], {}
+    if not config.gradient_checkpointing:
+        current = {**current, "gradient_checkpointing": True}
+        steps.append(current)
+    if config.optimizer == "adamw":
+        current = {**current, "optimizer": "adamw8bit"}
+        steps.append(current)
+    batch, accumulation = config.train_batch_size, config.gradient_accumulation_steps
+    while batch > 1:
+        batch, accumulation = batch // 2, accumulation * 2
+        current = {**current, "train_batch_size": batch, "gradient_accumulation_steps": accumulation}
+        steps.append(current)
+    return steps
+
+
+def flags(changes: dict) -> str:
+    out = []
+    for name, value in changes.items():
+        flag = "--" + name.replace("_", "-")
+        out.append(flag if value is True else f"{flag} {value}")
+    return " ".join(out)
+
+
+def run_plan(config, place_models, say=print) -> dict:
+    """Plan, print, and when it does not fit try savings() until one fits; writes <output_dir>/plan.json."""
+    from elr_ext.plan import device_spec
+
+    if config.plan_device != "cpu":
+        device_spec(config.plan_device)  # an unknown card fails before anything is built
+    plan = plan_config(config, place_models)
+    say(plan.format())
+    result = {"plan": plan.to_dict(), "fits_with": None}
+    if plan.fits is False:
+        for changes in savings(config):
+            trial = plan_config(dataclasses.replace(config, **changes), place_models)
+            say(f"  with {flags(changes)}: peak {trial.peak_bytes / 2 ** 30:.2f} GiB, "
+                f"{'fits' if trial.fits else 'does not fit'}")
+            if trial.fits:
+                result["fits_with"] = {"changes": changes, "plan": trial.to_dict()}
+                break
+        if result["fits_with"] is None:
+            say(f"  nothing tried fits on {config.plan_device}; the peak holds {plan.peak.split}")
+    os.makedirs(config.output_dir, exist_ok=True)
+    path = os.path.join(config.output_dir, "plan.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    say(f"wrote {path}")
+    return result

@@ -1,0 +1,134 @@
+"""train.py --plan and elr_ext.plan: one step on tensors without data.
+
+Every plan runs in its own process (see python/train.py end_after_plan). The checks are exact
+contracts the plan must meet whatever the card: weights, gradients and optimiser state are what the
+models and the optimiser hold, byte for byte; the split adds up to the peak; bad input names what is
+wrong. How close the peak comes to a measured one is a benchmark (benchmarks/train_step.py --simulate).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, "python", "train.py")
+MIB = 2 ** 20
+
+
+def run(args, tmp_path, expect=0):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, TRAIN, "--plan", "--output-dir", str(tmp_path), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == expect, done.stderr[-3000:]
+    return done
+
+
+def plan_of(tmp_path):
+    with open(os.path.join(tmp_path, "plan.json")) as f:
+        return json.load(f)
+
+
+def adamw_state_bytes(numels):
+    return sum(8 * n + 4 for n in numels)  # exp_avg, exp_avg_sq fp32 and a 0-dim fp32 step per tensor
+
+
+def adamw8bit_state_bytes(numels):
+    total = 2048  # bitsandbytes' two 256-value fp32 code books, shared by every 8-bit tensor
+    for n in numels:
+        total += 2 * n + 8 * math.ceil(n / 256) if n >= 4096 else 8 * n
+    return total
+
+
+def trained_numels(stage_args):
+    """The trained tensors' sizes of the tiny stage, from a real (not planned) build."""
+    sys.path.insert(0, os.path.join(REPO, "python"))
+    import torch
+
+    from elr_training.config import parse_config
+    from elr_training.models import tiny_components
+    from elr_training.stages import STAGES
+
+    config, _ = parse_config(stage_args)
+    stage = STAGES[config.stage](config, tiny_components(config.seed), torch.device("cpu"), lambda *a: None)
+    named = dict(stage.trained_module().named_parameters())
+    return [named[n].numel() for n in stage.trained_names()]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_tiny_stage2_plan_counts_the_optimiser_state_exactly(tmp_path, optimizer):
+    done = run(["--stage", "2", "--plan-device", "cpu", "--optimizer", optimizer], tmp_path)
+    assert "peak memory" in done.stdout and "optimizer state" in done.stdout
+    plan = plan_of(tmp_path)["plan"]
+    numels = trained_numels(["--stage", "2"])
+    assert plan["trainable_params"] == sum(numels)
+    expected = adamw_state_bytes(numels) if optimizer == "adamw" else adamw8bit_state_bytes(numels)
+    assert plan["peak"]["split"]["optimizer state"] == expected
+    assert sum(plan["peak"]["split"].values()) == plan["peak"]["total"] == plan["peak_bytes"]
+    assert plan["peak"]["split"]["activations"] > 0 and plan["flops"] > 0
+
+
+def test_tiny_plan_for_a_card_estimates_time_and_fit(tmp_path):
+    done = run(["--stage", "2", "--plan-device", "h100-80gb", "--mixed-precision", "bf16"], tmp_path)
+    plan = plan_of(tmp_path)["plan"]
+    assert plan["device"] == "h100-80gb" and plan["fits"] is True and plan["seconds"] > 0
+    assert "roofline time" in done.stdout and "fits on h100-80gb" in done.stdout
+    # the CUDA allocator's 512-byte blocks: every kind of memory is a multiple of them
+    assert all(v % 512 == 0 for v in plan["peak"]["split"].values())
+
+
+def test_stage1_plan_at_sd21_shapes(tmp_path):
+    """SD 2.1's UNet, text encoder and VAE at 256 px, batch 1: the student is the decomposed teacher
+    (rank 1/3), trained in fp32 with AdamW. Weights are every model's parameters and buffers, fp32."""
+    run(["--stage", "1", "--architecture", "sd21", "--preset", "paper", "--resolution", "256", "--train-batch-size", "1",
+         "--max-train-steps", "1", "--plan-device", "v100-32gb"], tmp_path)
+    result = plan_of(tmp_path)
+    plan = result["plan"]
+    assert plan["total_params"] > 865_910_724  # the teacher UNet alone (elr_ext.architectures, exact)
+    assert plan["peak"]["split"]["optimizer state"] >= 8 * plan["trainable_params"]
+    assert plan["peak"]["split"]["weights"] >= 4 * plan["total_params"]
+    assert plan["peak"]["split"]["weights"] < 4 * plan["total_params"] + 64 * MIB  # + buffers and block rounding
+    assert plan["seconds_to_plan"] < 300
+
+
+def test_unknown_plan_device_lists_the_known_cards(tmp_path):
+    done = run(["--stage", "2", "--plan-device", "gtx480"], tmp_path, expect=2)
+    assert "--plan-device 'gtx480'" in done.stderr and "h100-80gb" in done.stderr and "v100-32gb" in done.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "plan.json"))
+
+
+def test_pretrained_folder_without_a_config_names_the_file(tmp_path):
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    done = run(["--stage", "1", "--pretrained", str(folder), "--max-train-steps", "1"], tmp_path / "out", expect=2)
+    assert os.path.join(str(folder), "unet", "config.json") in done.stderr
+
+
+def test_a_value_the_plan_cannot_know_names_where_it_is_needed(tmp_path):
+    """The tiny preset's stage 1 keeps 90 % of each layer's spectral energy: the ranks depend on the
+    singular values, which a plan does not have. The error names the line instead of a wrong number."""
+    done = run(["--stage", "1", "--max-train-steps", "1"], tmp_path, expect=1)
+    assert "PlanError" in done.stderr and "decompose.py" in done.stderr
+
+
+def test_an_op_without_a_fake_kernel_is_named(tmp_path):
+    code = """
+import torch, elr_ext.plan as plan
+@torch.library.custom_op("plan_test::opaque", mutates_args=())
+def opaque(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+def build():
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    return plan.PlannedStep({"lin": lin}, lambda: opaque(lin(x)).sum(), torch.optim.SGD(lin.parameters(), lr=1.0))
+try:
+    plan.plan_step(build, device="cpu")
+except plan.PlanError as e:
+    print("PLANERROR", e)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert "PLANERROR" in done.stdout and "plan_test.opaque" in done.stdout, done.stdout + done.stderr[-2000:]
