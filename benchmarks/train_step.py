@@ -572,7 +572,10 @@ def simulate_config(args, cfg: StepConfig, precision: str) -> dict:
     print(f"== planned: {cfg.describe()} on {args.plan_device}", flush=True)
     rows = []
     for arm in args.arms:
-        res = harness.run_fresh(_child_args(args, arm, "plan", cfg.batch))
+        for _ in range(3):  # a planned process sometimes aborts in torch (docs/planning.md): try again
+            res = harness.run_fresh(_child_args(args, arm, "plan", cfg.batch))
+            if res:
+                break
         rows.append({"arm": arm, "description": ARMS[arm].label, **dataclasses.asdict(ARMS[arm]), **res})
     summarise(rows)
     stem = os.path.join(args.out_dir, f"train_step_plan_{args.plan_device}_{args.config}_b{cfg.batch}_s{args.latent}"

@@ -26,6 +26,27 @@ import torch.nn.functional as F
 from .devices import DeviceSpec
 
 
+def _register_cpu_flash_flops() -> None:
+    """FlopCounterMode has formulas for the CUDA attention kernels, none for the CPU flash kernel a CPU
+    plan runs: the same products, so the same counts."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in flop_registry:
+        return
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
+    def _forward(query, key, value, *args, out_val=None, **kwargs) -> int:
+        return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)
+    def _backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+_register_cpu_flash_flops()
+
+
 def _round(n: int, m: int) -> int:
     return -(-n // m) * m
 
