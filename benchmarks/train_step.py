@@ -226,15 +226,19 @@ def make_inputs(cfg: StepConfig, unet_config, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in tensors.items()}
 
 
+def predict(unet, adapter, inputs: dict) -> torch.Tensor:
+    """The adapter's residuals into the frozen UNet: its noise prediction for the fixed inputs."""
+    down, mid = adapter(inputs["sample"], inputs["timesteps"], inputs["encoder_hidden_states"], inputs["condition"])
+    return unet(inputs["sample"], inputs["timesteps"], encoder_hidden_states=inputs["encoder_hidden_states"],
+                down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+
+
 def make_step(unet, adapter, optimizer, inputs: dict, autocast_dtype: Optional[torch.dtype]):
     device_type = inputs["sample"].device.type
 
     def step() -> None:
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            down, mid = adapter(inputs["sample"], inputs["timesteps"], inputs["encoder_hidden_states"],
-                                inputs["condition"])
-            pred = unet(inputs["sample"], inputs["timesteps"], encoder_hidden_states=inputs["encoder_hidden_states"],
-                        down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+            pred = predict(unet, adapter, inputs)
         loss = F.mse_loss(pred.float(), inputs["noise"].float())
         loss.backward()
         optimizer.step()
@@ -330,11 +334,7 @@ def plan_arm(cfg: StepConfig, arm_name: str, plan_device: str, autocast_dtype) -
         inputs = make_inputs(cfg, _unet_config(cfg), torch.device("cpu"))
 
         def loss():
-            down, mid = adapter(inputs["sample"], inputs["timesteps"], inputs["encoder_hidden_states"],
-                                inputs["condition"])
-            pred = unet(inputs["sample"], inputs["timesteps"], encoder_hidden_states=inputs["encoder_hidden_states"],
-                        down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-            return F.mse_loss(pred.float(), inputs["noise"].float())
+            return F.mse_loss(predict(unet, adapter, inputs).float(), inputs["noise"].float())
 
         return PlannedStep({"unet": unet, "adapter": adapter}, loss, optimizer)
 
@@ -442,6 +442,16 @@ def format_table(result: dict) -> str:
             got = "-" if t["ratio"] is None else f"{t['ratio']:.3f}x"
             lines.append(f"target {key}: {got} vs <= {t['target']}x -> {verdict} (paper Table 2: {t['paper']:.3f}x)")
     return "\n".join(lines)
+
+
+def write_results(stem: str, result: dict, table: str) -> None:
+    """<stem>.json, .txt and .png, each written whole or not at all."""
+    for suffix, text in ((".json", json.dumps(result, indent=1)), (".txt", table + "\n")):
+        with open(stem + suffix + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(stem + suffix + ".tmp", stem + suffix)
+    plot(result, stem + ".png")
+    print(f"wrote {stem}.json, .txt and .png")
 
 
 def plot(result: dict, path: str) -> None:
@@ -597,12 +607,7 @@ def simulate_config(args, cfg: StepConfig, precision: str) -> dict:
     table = format_table(result) + "\n" + plan_lines(rows)
     print(table, flush=True)
     os.makedirs(args.out_dir, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(result, indent=1)), (".txt", table + "\n")):
-        with open(stem + suffix + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(stem + suffix + ".tmp", stem + suffix)
-    plot(result, stem + ".png")
-    print(f"wrote {stem}.json, .txt and .png")
+    write_results(stem, result, table)
     return result
 
 
@@ -665,12 +670,7 @@ def run_config(args, cfg: StepConfig, device, autocast_dtype, precision: str) ->
     stem = os.path.join(args.out_dir, f"train_step_{device.type}_{args.config}_b{batch}_s{args.latent}"
                         + ("_ckpt" if args.gradient_checkpointing else "") + ("_quick" if args.quick else "")
                         + ("_params" if args.params_only else ""))
-    for suffix, text in ((".json", json.dumps(result, indent=1)), (".txt", table + "\n")):
-        with open(stem + suffix + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(stem + suffix + ".tmp", stem + suffix)
-    plot(result, stem + ".png")
-    print(f"wrote {stem}.json, .txt and .png")
+    write_results(stem, result, table)
     return result
 
 

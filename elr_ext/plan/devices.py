@@ -53,36 +53,32 @@ class DeviceSpec:
         return self.fp32_tflops * TERA
 
 
-def _card(name, description, memory_gib, fp32, fp16, bf16, tf32, bandwidth, cc, source) -> DeviceSpec:
-    return DeviceSpec(name, description, memory_gib, fp32, fp16, bf16, tf32, bandwidth, cc, source)
-
-
 DEVICES: Dict[str, DeviceSpec] = {d.name: d for d in (
-    _card("v100-16gb", "NVIDIA Tesla V100 SXM2 16 GB", 16, 15.7, 125, None, None, 900, (7, 0),
+    DeviceSpec("v100-16gb", "NVIDIA Tesla V100 SXM2 16 GB", 16, 15.7, 125, None, None, 900, (7, 0),
           "NVIDIA Tesla V100 GPU datasheet (SXM2: FP32 15.7, Tensor 125 TFLOPS, HBM2 900 GB/s)"),
-    _card("v100-32gb", "NVIDIA Tesla V100 SXM2 32 GB", 32, 15.7, 125, None, None, 900, (7, 0),
+    DeviceSpec("v100-32gb", "NVIDIA Tesla V100 SXM2 32 GB", 32, 15.7, 125, None, None, 900, (7, 0),
           "NVIDIA Tesla V100 GPU datasheet (SXM2: FP32 15.7, Tensor 125 TFLOPS, HBM2 900 GB/s)"),
-    _card("t4-16gb", "NVIDIA T4 16 GB", 16, 8.1, 65, None, None, 320, (7, 5),
+    DeviceSpec("t4-16gb", "NVIDIA T4 16 GB", 16, 8.1, 65, None, None, 320, (7, 5),
           "NVIDIA T4 datasheet (FP32 8.1, mixed FP16/FP32 65 TFLOPS, GDDR6 320 GB/s)"),
-    _card("rtx3090-24gb", "NVIDIA GeForce RTX 3090 24 GB", 24, 35.6, 71, 71, 35.6, 936, (8, 6),
+    DeviceSpec("rtx3090-24gb", "NVIDIA GeForce RTX 3090 24 GB", 24, 35.6, 71, 71, 35.6, 936, (8, 6),
           "NVIDIA Ampere GA102 GPU architecture whitepaper (RTX 3090: FP32 35.6, FP16/BF16 tensor with "
           "FP32 accumulate 71, TF32 35.6 TFLOPS dense, 936 GB/s)"),
-    _card("a100-40gb", "NVIDIA A100 SXM4 40 GB", 40, 19.5, 312, 312, 156, 1555, (8, 0),
+    DeviceSpec("a100-40gb", "NVIDIA A100 SXM4 40 GB", 40, 19.5, 312, 312, 156, 1555, (8, 0),
           "NVIDIA A100 Tensor Core GPU datasheet (FP32 19.5, TF32 156, FP16/BF16 312 TFLOPS dense, "
           "HBM2 1,555 GB/s)"),
-    _card("a100-80gb", "NVIDIA A100 SXM4 80 GB", 80, 19.5, 312, 312, 156, 2039, (8, 0),
+    DeviceSpec("a100-80gb", "NVIDIA A100 SXM4 80 GB", 80, 19.5, 312, 312, 156, 2039, (8, 0),
           "NVIDIA A100 Tensor Core GPU datasheet (FP32 19.5, TF32 156, FP16/BF16 312 TFLOPS dense, "
           "HBM2e 2,039 GB/s)"),
-    _card("l4-24gb", "NVIDIA L4 24 GB", 24, 30.3, 121, 121, 60, 300, (8, 9),
+    DeviceSpec("l4-24gb", "NVIDIA L4 24 GB", 24, 30.3, 121, 121, 60, 300, (8, 9),
           "NVIDIA L4 Tensor Core GPU datasheet (FP32 30.3; FP16/BF16 242 and TF32 120 TFLOPS with "
           "sparsity, half that dense; GDDR6 300 GB/s)"),
-    _card("rtx4090-24gb", "NVIDIA GeForce RTX 4090 24 GB", 24, 82.6, 165.2, 165.2, 82.6, 1008, (8, 9),
+    DeviceSpec("rtx4090-24gb", "NVIDIA GeForce RTX 4090 24 GB", 24, 82.6, 165.2, 165.2, 82.6, 1008, (8, 9),
           "NVIDIA Ada Lovelace GPU architecture whitepaper (RTX 4090: FP32 82.6, FP16/BF16 tensor with "
           "FP32 accumulate 165.2, TF32 82.6 TFLOPS dense, GDDR6X 1,008 GB/s)"),
-    _card("h100-80gb", "NVIDIA H100 SXM5 80 GB", 80, 67, 989.4, 989.4, 494.7, 3350, (9, 0),
+    DeviceSpec("h100-80gb", "NVIDIA H100 SXM5 80 GB", 80, 67, 989.4, 989.4, 494.7, 3350, (9, 0),
           "NVIDIA H100 Tensor Core GPU datasheet (SXM: FP32 67; FP16/BF16 1,979 and TF32 989 TFLOPS "
           "with sparsity, half that dense; HBM3 3.35 TB/s)"),
-    _card("h200-141gb", "NVIDIA H200 SXM 141 GB", 141, 67, 989.4, 989.4, 494.7, 4800, (9, 0),
+    DeviceSpec("h200-141gb", "NVIDIA H200 SXM 141 GB", 141, 67, 989.4, 989.4, 494.7, 4800, (9, 0),
           "NVIDIA H200 Tensor Core GPU datasheet (SXM: FP32 67; FP16/BF16 1,979 and TF32 989 TFLOPS "
           "with sparsity, half that dense; HBM3e 4.8 TB/s)"),
 )}

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backends
+from ..nn.counting import count_parameters
 from .attention import FLASH_WORKSPACES, card_attention
 from .devices import GIB, DeviceSpec, device_spec, fits
 from .tracker import KINDS, Peak, PlanError, StepTracker
@@ -245,16 +246,6 @@ def _trained(models: Dict[str, nn.Module]) -> List[nn.Parameter]:
     return out
 
 
-def _count(models: Dict[str, nn.Module]) -> int:
-    seen, total = set(), 0
-    for model in models.values():
-        for p in model.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-    return total
-
-
 def _where_in_user_code(error: BaseException) -> str:
     frames = [f for f in traceback.extract_tb(error.__traceback__)
               if "/torch/" not in f.filename and "elr_ext/plan/" not in f.filename]
@@ -335,7 +326,7 @@ def _run_steps(step: PlannedStep, tracker: StepTracker, spec, autocast_dtype, de
     if spec is not None and autocast_dtype == torch.bfloat16 and spec.bf16_tflops is None:
         notes.append(f"{spec.name} has no bf16 tensor cores: bf16 products are timed at its fp32 peak")
     return StepPlan(spec, steady, first, dict(tracker.costs), sum(p.numel() for p in trained),
-                    _count(step.models), time.perf_counter() - started, description, notes)
+                    count_parameters(*step.models.values()), time.perf_counter() - started, description, notes)
 
 
 def steady_peak(phase_peaks: Dict[str, Peak], state_bytes: int):

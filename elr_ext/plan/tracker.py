@@ -87,15 +87,9 @@ class StepTracker(TorchDispatchMode):
         self._op = ""
 
     # ------------------------------------------------------------------ memory
-    def _storage_token(self, storage) -> Optional[int]:
-        try:
-            return self.by_storage.get(storage)
-        except TypeError:
-            return None
-
     def _register(self, t: torch.Tensor, kind: str) -> None:
         storage = t.untyped_storage()
-        if self._storage_token(storage) is not None:
+        if self.by_storage.get(storage) is not None:
             return
         nbytes = storage.nbytes()
         nbytes = -(-nbytes // self.round_to) * self.round_to
@@ -122,7 +116,7 @@ class StepTracker(TorchDispatchMode):
     def classify(self, t: torch.Tensor, kind: str) -> None:
         """(Re)label the storage of `t`; registers it first if it was made outside the tracker."""
         storage = t.untyped_storage()
-        token = self._storage_token(storage)
+        token = self.by_storage.get(storage)
         if token is None:
             self._register(t, kind)
             return
