@@ -16,7 +16,7 @@ import dataclasses
 import json
 import os
 from types import SimpleNamespace
-from typing import List, Optional
+from typing import List
 
 import torch
 
