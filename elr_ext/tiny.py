@@ -21,6 +21,16 @@ Sizes (measured with `count_parameters`, diffusers 0.42 / transformers 5.24):
     tiny_vae()           AutoencoderKL (32, 64), latent 4 channels, factor 2               658,375 params
 
 Latent space: `tiny_unet(in_channels=4, out_channels=4, sample_size=16)` with `tiny_vae()`.
+
+Family-shaped variants (TINY_VARIANTS; `train.py --architecture tiny-sd15|tiny-sdxl`), both in
+tiny_vae()'s latent space (32 x 32 images, 16 x 16 latents), sized so a training step stays cheap:
+
+    tiny-sd15   SD 1.x's layout: cross-attention in every level but the last, conv projections in the
+                transformers, one CLIP text encoder, epsilon prediction
+    tiny-sdxl   SDXL's layout: no attention in the first level, 1 / 2 transformer layers in the
+                others, linear projections, two text encoders (CLIPTextModel + CLIPTextModelWithProjection)
+                whose penultimate states are concatenated (cross_attention_dim 64), the second's pooled
+                embedding and six micro-conditioning time ids added to the time embedding (text_time)
 """
 
 from __future__ import annotations
@@ -66,6 +76,33 @@ TINY_UNET_CONFIG = dict(
 )
 
 
+# SD 1.x's layout at tiny size (latent space of tiny_vae: 16 x 16 latents).
+TINY_SD15_UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+)
+# SDXL's layout at tiny size: both text encoders' states concatenated (32 + 32), the pooled embedding
+# (32) and 6 time ids of TINY_ADDITION_TIME_EMBED_DIM each into the added embedding.
+TINY_ADDITION_TIME_EMBED_DIM = 8
+TINY_SDXL_UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2), use_linear_projection=True, cross_attention_dim=64,
+    attention_head_dim=(2, 4, 4), norm_num_groups=8, addition_embed_type="text_time",
+    addition_time_embed_dim=TINY_ADDITION_TIME_EMBED_DIM,
+    projection_class_embeddings_input_dim=32 + 6 * TINY_ADDITION_TIME_EMBED_DIM,
+)
+# variant name -> (UNet config, text encoders: "clip" a CLIPTextModel, "clip_projection" a
+# CLIPTextModelWithProjection, prediction type)
+TINY_VARIANTS = {
+    "tiny-sd15": (TINY_SD15_UNET_CONFIG, ("clip",), "epsilon"),
+    "tiny-sdxl": (TINY_SDXL_UNET_CONFIG, ("clip", "clip_projection"), "epsilon"),
+}
+
+
 def tiny_unet(**overrides):
     """UNet2DConditionModel with TINY_UNET_CONFIG, any key overridden (e.g. in_channels=4,
     out_channels=4, sample_size=16 for the latent space of tiny_vae)."""
@@ -74,10 +111,30 @@ def tiny_unet(**overrides):
     return UNet2DConditionModel(**{**TINY_UNET_CONFIG, **overrides})
 
 
-def tiny_text_encoder(**overrides):
+def tiny_variant_unet(name: str, **overrides):
+    """The UNet of a TINY_VARIANTS entry ("tiny-sd15", "tiny-sdxl"), any key overridden."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**{**_variant(name)[0], **overrides})
+
+
+def tiny_variant_text_encoders(name: str) -> list:
+    """The text encoder(s) of a TINY_VARIANTS entry: [CLIPTextModel] or, for tiny-sdxl,
+    [CLIPTextModel, CLIPTextModelWithProjection]."""
+    return [tiny_text_encoder(projection=kind == "clip_projection") for kind in _variant(name)[1]]
+
+
+def _variant(name: str):
+    if name not in TINY_VARIANTS:
+        raise ValueError(f"unknown tiny variant {name!r}; known: {', '.join(TINY_VARIANTS)}")
+    return TINY_VARIANTS[name]
+
+
+def tiny_text_encoder(projection: bool = False, **overrides):
     """CLIPTextModel sized to tiny_tokenizer's vocabulary, hidden 32 (= tiny_unet's
-    cross_attention_dim), 2 layers."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    cross_attention_dim), 2 layers; projection=True: CLIPTextModelWithProjection (SDXL's second
+    encoder, whose `text_embeds` are the pooled embedding), projection_dim 32."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     vocab, _ = _vocab_and_merges()
     config = dict(
@@ -93,7 +150,7 @@ def tiny_text_encoder(**overrides):
         pad_token_id=vocab[EOS_TOKEN],
     )
     config.update(overrides)
-    return CLIPTextModel(CLIPTextConfig(**config))
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**config))
 
 
 def tiny_tokenizer(folder: Optional[str] = None):

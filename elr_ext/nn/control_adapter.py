@@ -56,8 +56,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
 
 Condition = Union[torch.Tensor, Sequence[torch.Tensor]]
 _KRON = (KronLoRALinear, KronLoRAConv2d)
-# The backbone modules the adapter copies (time_proj has no weights; time_embed_act is usually None).
-_COPIED = ("conv_in", "time_proj", "time_embedding", "time_embed_act", "down_blocks", "mid_block")
+# The backbone modules the adapter copies (time_proj and add_time_proj have no weights; time_embed_act
+# is usually None; add_time_proj / add_embedding exist for addition_embed_type="text_time", SDXL's).
+_COPIED = ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "time_embed_act",
+           "down_blocks", "mid_block")
 
 
 class FDNResnetBlock(nn.Module):
@@ -248,6 +250,10 @@ class LocalControlAdapter(ModelMixin, ConfigMixin):
         self.time_proj = copy.deepcopy(unet.time_proj)
         self.time_embedding = copy.deepcopy(unet.time_embedding)
         self.time_embed_act = copy.deepcopy(unet.time_embed_act)
+        # SDXL's added embedding (pooled text + micro-conditioning time ids): copied, adapted as the rest
+        text_time = unet.config.addition_embed_type == "text_time"
+        self.add_time_proj = copy.deepcopy(unet.add_time_proj) if text_time else None
+        self.add_embedding = copy.deepcopy(unet.add_embedding) if text_time else None
         self.down_blocks = copy.deepcopy(unet.down_blocks)
         self.mid_block = copy.deepcopy(unet.mid_block)
         self.disable_gradient_checkpointing()  # the copies keep no checkpointing of the UNet's blocks
@@ -419,8 +425,8 @@ class LocalControlAdapter(ModelMixin, ConfigMixin):
             condition = F.interpolate(condition, size=size, mode="bilinear", align_corners=False, antialias=True)
         return condition.expand(sample.shape[0], -1, -1, -1)
 
-    def _time_embedding(self, timestep, sample: torch.Tensor) -> torch.Tensor:
-        # As UNet2DConditionModel.get_time_embed + time_embedding.
+    def _time_embedding(self, timestep, sample: torch.Tensor, added_cond_kwargs: Optional[dict]) -> torch.Tensor:
+        # As UNet2DConditionModel.get_time_embed + time_embedding + get_aug_embed ("text_time").
         if not torch.is_tensor(timestep):
             dtype = torch.float64 if isinstance(timestep, float) else torch.int64
             timestep = torch.tensor([timestep], dtype=dtype, device=sample.device)
@@ -428,15 +434,44 @@ class LocalControlAdapter(ModelMixin, ConfigMixin):
             timestep = timestep[None].to(sample.device)
         t_emb = self.time_proj(timestep.expand(sample.shape[0])).to(dtype=sample.dtype)
         emb = self.time_embedding(t_emb)
+        if self.add_embedding is not None:
+            emb = emb + self._added_embedding(added_cond_kwargs, sample.shape[0], emb.dtype)
+        elif added_cond_kwargs:
+            raise ValueError("added_cond_kwargs was given but the UNet has no addition_embed_type to take it")
         return self.time_embed_act(emb) if self.time_embed_act is not None else emb
 
+    def _added_embedding(self, added_cond_kwargs: Optional[dict], batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """SDXL's added embedding: add_embedding(concat(text_embeds, add_time_proj(time_ids)))."""
+        missing = [k for k in ("text_embeds", "time_ids") if not added_cond_kwargs or added_cond_kwargs.get(k) is None]
+        if missing:
+            raise ValueError(f"the UNet has addition_embed_type='text_time': added_cond_kwargs needs "
+                             f"{' and '.join(repr(k) for k in missing)} (the pooled text embedding [N, D] and "
+                             "the micro-conditioning time ids [N, 6])")
+        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+        check_tensor("added_cond_kwargs['text_embeds']", text_embeds, dim=2)
+        check_tensor("added_cond_kwargs['time_ids']", time_ids, dim=2)
+        for name, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+            if value.shape[0] != batch:
+                raise ValueError(f"added_cond_kwargs['{name}'] has batch {value.shape[0]}; the sample has {batch}")
+        time_embeds = self.add_time_proj(time_ids.flatten()).reshape(batch, -1)
+        expected = self.config.unet_config["projection_class_embeddings_input_dim"]
+        width = text_embeds.shape[1] + time_embeds.shape[1]
+        if width != expected:
+            raise ValueError(f"added_cond_kwargs: text_embeds ({text_embeds.shape[1]}) + time ids "
+                             f"({time_ids.shape[1]} x {self.config.unet_config['addition_time_embed_dim']}) give "
+                             f"{width} features; the UNet's add_embedding takes {expected}")
+        return self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(dtype))
+
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor, condition: Condition,
-                conditioning_scale: float = 1.0) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
+                conditioning_scale: float = 1.0, added_cond_kwargs: Optional[dict] = None
+                ) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
         """Residuals for the frozen UNet: `(down_block_additional_residuals, mid_block_additional_residual)`.
 
         sample: the noisy latent [N, in_channels, h, w], h and w divisible by the UNet's total
         downsampling; condition: [N or 1, condition_channels, H, W] (or a list of maps), resized to
-        (h, w) * latent_factor when it differs."""
+        (h, w) * latent_factor when it differs; added_cond_kwargs: for an SDXL UNet
+        (addition_embed_type="text_time"), {"text_embeds": [N, D], "time_ids": [N, 6]} exactly as
+        UNet2DConditionModel takes them."""
         check_tensor("sample", sample, dim=4)
         in_channels = self.config.unet_config["in_channels"]
         if sample.shape[1] != in_channels:
@@ -447,7 +482,7 @@ class LocalControlAdapter(ModelMixin, ConfigMixin):
             raise ValueError(f"latent size {h}x{w} is not divisible by the UNet's total downsampling "
                              f"{self.total_downsampling}: the image size must be a multiple of {factor}")
         condition = self.prepare_condition(condition, sample)
-        emb = self._time_embedding(timestep, sample)
+        emb = self._time_embedding(timestep, sample, added_cond_kwargs)
         features = self.feature_extractor(condition)
 
         hidden = self.conv_in(sample)
@@ -471,13 +506,15 @@ class LocalControlAdapter(ModelMixin, ConfigMixin):
 
 
 def _check_supported(unet) -> None:
-    """The UNet features the adapter reproduces: SD 1.x / 2.x-like backbones."""
+    """The UNet features the adapter reproduces: SD 1.x / 2.x and SDXL-like backbones."""
     if not isinstance(unet, UNet2DConditionModel):
         raise TypeError(f"unet must be a diffusers UNet2DConditionModel, got {type(unet).__name__}")
     cfg = unet.config
     unsupported = {
         "class_embed_type / num_class_embeds": getattr(unet, "class_embedding", None) is not None,
-        "addition_embed_type": cfg.addition_embed_type is not None,
+        f"addition_embed_type={cfg.addition_embed_type!r} (only 'text_time', SDXL's, is supported)":
+            cfg.addition_embed_type not in (None, "text_time"),
+        "time_cond_proj_dim": cfg.time_cond_proj_dim is not None,
         "encoder_hid_dim": getattr(unet, "encoder_hid_proj", None) is not None,
         "center_input_sample": bool(cfg.center_input_sample),
         "mid_block_type None": unet.mid_block is None,
