@@ -31,6 +31,8 @@ Measured for each arm:
     python benchmarks/train_step.py                                 # tiny config on the CPU
     python benchmarks/train_step.py --config sd21 --batch 1 --latent 32   # SD 2.1 shapes, CPU-reduced
     python benchmarks/train_step.py --config sd21 --batch 1 2 4     # SD 2.1 shapes at 512 px on a GPU
+    python benchmarks/train_step.py --simulate --config sdxl --batch 1 --plan-device rtx4090-24gb
+                                                                    # planned: SDXL at 1024 px (sd15: 512 px)
 
 Timings are only meaningful on an otherwise idle machine; parameter counts are exact anywhere.
 """
@@ -61,7 +63,7 @@ import harness  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
 import elr_ext  # noqa: E402
 from elr_ext.nn import count_parameters  # noqa: E402
-from elr_ext.architectures import SD21_UNET_CONFIG  # noqa: E402
+from elr_ext.architectures import ARCHITECTURES  # noqa: E402
 from elr_training.config import PRESETS  # noqa: E402
 from elr_training.data.conditions import condition_channels  # noqa: E402  (the training app's channel counts)
 
@@ -91,9 +93,9 @@ PAPER = {"trainable_params": 750 / 1271, "peak_memory_bytes": 14 / 20, "seconds_
 class StepConfig:
     """The model and shapes of one benchmark configuration (all arms share it)."""
 
-    name: str = "tiny"  # "tiny": elr_ext.tiny (pixel space); "sd21": SD 2.1's UNet shapes
+    name: str = "tiny"  # "tiny": elr_ext.tiny (pixel space); "sd15", "sd21", "sdxl": the family's UNet shapes
     batch: int = 2
-    latent: int = 32  # side of the UNet's input (latent for sd21, pixels for tiny)
+    latent: int = 32  # side of the UNet's input (latents for the SD families, pixels for tiny)
     condition_types: tuple = ("canny",)
     text_tokens: int = 77
     terms: int = 4
@@ -105,7 +107,7 @@ class StepConfig:
     @property
     def condition_scale(self) -> int:
         """Condition side / UNet input side: SD's VAE downsamples 8x, the tiny config is pixel space."""
-        return 8 if self.name == "sd21" else 1
+        return 1 if self.name == "tiny" else ARCHITECTURES[self.name].latent_factor
 
     @property
     def condition_channels(self) -> int:
@@ -117,7 +119,7 @@ class StepConfig:
 
     def describe(self) -> str:
         side = self.latent * self.condition_scale
-        space = f"latents {self.latent}x{self.latent} ({side} px)" if self.name == "sd21" else f"{side}x{side} px"
+        space = f"{side}x{side} px" if self.name == "tiny" else f"latents {self.latent}x{self.latent} ({side} px)"
         return (f"{self.name}, batch {self.batch}, {space}, condition {'+'.join(self.condition_types)}"
                 + (", gradient checkpointing" if self.gradient_checkpointing else ""))
 
@@ -127,11 +129,11 @@ def build_unet(cfg: StepConfig) -> nn.Module:
         from elr_ext.tiny import tiny_unet
 
         return tiny_unet(sample_size=cfg.latent)
-    if cfg.name == "sd21":
+    if cfg.name in ARCHITECTURES:
         from diffusers import UNet2DConditionModel
 
-        return UNet2DConditionModel(**{**SD21_UNET_CONFIG, "sample_size": cfg.latent})  # random weights
-    raise ValueError(f"--config must be tiny or sd21, got {cfg.name!r}")
+        return UNet2DConditionModel(**{**ARCHITECTURES[cfg.name].unet, "sample_size": cfg.latent})  # random weights
+    raise ValueError(f"--config must be tiny or one of {sorted(ARCHITECTURES)}, got {cfg.name!r}")
 
 
 def set_fdn_mode(adapter: nn.Module, fused: bool) -> int:
@@ -223,14 +225,21 @@ def make_inputs(cfg: StepConfig, unet_config, device: torch.device) -> dict:
         "encoder_hidden_states": torch.randn(b, cfg.text_tokens, unet_config.cross_attention_dim, generator=g),
         "condition": (torch.rand(b, cfg.condition_channels, cond_side, cond_side, generator=g) > 0.9).float(),
     }
+    if getattr(unet_config, "addition_embed_type", None) == "text_time":  # SDXL: pooled text and time ids
+        pooled = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+        tensors["text_embeds"] = torch.randn(b, pooled, generator=g)
+        tensors["time_ids"] = torch.tensor([[cond_side, cond_side, 0, 0, cond_side, cond_side]] * b,
+                                           dtype=torch.float32)
     return {k: v.to(device) for k, v in tensors.items()}
 
 
 def predict(unet, adapter, inputs: dict) -> torch.Tensor:
     """The adapter's residuals into the frozen UNet: its noise prediction for the fixed inputs."""
-    down, mid = adapter(inputs["sample"], inputs["timesteps"], inputs["encoder_hidden_states"], inputs["condition"])
+    added = {k: inputs[k] for k in ("text_embeds", "time_ids")} if "time_ids" in inputs else None
+    down, mid = adapter(inputs["sample"], inputs["timesteps"], inputs["encoder_hidden_states"], inputs["condition"],
+                        added_cond_kwargs=added)
     return unet(inputs["sample"], inputs["timesteps"], encoder_hidden_states=inputs["encoder_hidden_states"],
-                down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+                added_cond_kwargs=added, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
 
 def make_step(unet, adapter, optimizer, inputs: dict, autocast_dtype: Optional[torch.dtype]):
@@ -253,8 +262,8 @@ def _unet_config(cfg: StepConfig):
 
         conf = dict(TINY_UNET_CONFIG)
     else:
-        conf = dict(SD21_UNET_CONFIG)
-    return argparse.Namespace(**conf)
+        conf = dict(ARCHITECTURES[cfg.name].unet)
+    return argparse.Namespace(**{"addition_embed_type": None, **conf})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,7 +494,7 @@ def plot(result: dict, path: str) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="tiny", choices=("tiny", "sd21"))
+    p.add_argument("--config", default="tiny", choices=("tiny", *ARCHITECTURES))
     p.add_argument("--batch", type=int, nargs="+", default=None, help="batch sizes (default: tiny 2; sd21 1 on the "
                    "CPU, 1 2 4 on a GPU)")
     p.add_argument("--latent", type=int, default=None, help="UNet input side (default: tiny 32; sd21 64 on a GPU "
@@ -529,8 +538,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device = "cpu"
     if args.batch is None:
         args.batch = [2] if args.config == "tiny" else ([1, 4, 8] if args.simulate and gpu else [1, 2, 4] if gpu else [1])
-    if args.latent is None:
-        args.latent = 32 if args.config == "tiny" else (64 if gpu else 32)
+    if args.latent is None:  # a GPU (or a plan for one) at the family's training size: 512 px SD, 1024 px SDXL
+        args.latent = 32 if args.config == "tiny" else ((128 if args.config == "sdxl" else 64) if gpu else 32)
     args.steps = args.steps or (2 if args.quick else args.repeats)
     args.timing = args.timing or ("interleaved" if args.config == "tiny" else "fresh")
     unknown = [a for a in args.arms if a not in ARMS]

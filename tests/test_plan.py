@@ -135,3 +135,42 @@ except plan.PlanError as e:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=REPO))
     assert "PLANERROR" in done.stdout and "plan_test.opaque" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_weights_converted_in_the_build_are_counted_once(tmp_path):
+    """A frozen model cast to bf16 while the step is built holds bf16 weights only: the fp32 tensors it
+    had before are gone (with the garbage collector off, so nothing but reference counts frees them)."""
+    code = """
+import gc, json, torch, elr_ext.plan as plan
+gc.disable()
+def build():
+    frozen = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024))
+    frozen.to("cpu").to(torch.bfloat16).requires_grad_(False)
+    head = torch.nn.Linear(1024, 1)
+    x = torch.randn(4, 1024, dtype=torch.bfloat16)
+    return plan.PlannedStep({"frozen": frozen, "head": head}, lambda: head(frozen(x).float()).sum(),
+                            torch.optim.SGD(head.parameters(), lr=1.0))
+p = plan.plan_step(build, device="a100-80gb")
+print("SPLIT", json.dumps(p.to_dict()["peak"]["split"]))
+"""
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, PYTHONPATH=REPO))
+        if "SPLIT" in done.stdout:
+            break
+    split = json.loads(done.stdout.split("SPLIT", 1)[1].splitlines()[0])
+    block = 512  # the CUDA allocator's rounding, per tensor
+    frozen = 2 * (math.ceil(1024 * 1024 * 2 / block) + math.ceil(1024 * 2 / block)) * block
+    head = (math.ceil(1024 * 4 / block) + 1) * block
+    assert split["weights"] == frozen + head, split
+    assert split["inputs"] <= 4 * 1024 * 2 + block, split
+
+
+def test_tiny_sdxl_stage2_plan(tmp_path):
+    """The SDXL-shaped tiny variant: two text encoders, pooled text and time ids into the UNet and the
+    adapter, planned as training runs it."""
+    done = run(["--stage", "2", "--architecture", "tiny-sdxl", "--plan-device", "rtx4090-24gb",
+                "--mixed-precision", "bf16", "--optimizer", "adamw8bit"], tmp_path)
+    plan = plan_of(tmp_path)["plan"]
+    assert plan["fits"] is True and plan["flops"] > 0 and "peak memory" in done.stdout
+    assert plan["peak"]["split"]["inputs"] < MIB

@@ -198,9 +198,11 @@ def conversions_without_swap():
     original = nn.Module._apply
 
     def apply(self, fn, recurse=True):
+        # A loop, not a recursive closure: a closure that calls itself is a reference cycle, which
+        # would keep its memo, and with it every tensor it maps (the parameters before conversion),
+        # alive until the garbage collector happens to run, and the plan would count them.
         memo: Dict[int, torch.Tensor] = {}
-
-        def convert(module):
+        for module in (self.modules() if recurse else [self]):
             for key, param in module._parameters.items():
                 if param is not None:
                     if id(param) not in memo:
@@ -214,11 +216,6 @@ def conversions_without_swap():
                     if id(buf) not in memo:
                         memo[id(buf)] = fn(buf)
                     module._buffers[key] = memo[id(buf)]
-            if recurse:
-                for child in module.children():
-                    convert(child)
-
-        convert(self)
         return self
 
     nn.Module._apply = apply
