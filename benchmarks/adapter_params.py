@@ -1,13 +1,14 @@
 """Parameter counts of the Stage II local control adapter (elr_ext.nn.LocalControlAdapter): trainable
 and total, adapter="kron" (ELR, Kronecker updates on a frozen copy) against adapter="full"
-(Uni-ControlNet: the whole copy trains), on the tiny configuration and on Stable Diffusion 2.1's
-UNet shapes, each with a dense backbone and with one decomposed at rank_ratio 1/3 (Stage I).
+(Uni-ControlNet: the whole copy trains), on the tiny configuration and on the UNet shapes of Stable
+Diffusion 1.5 and 2.1 (512 px) and SDXL (1024 px), each with a dense backbone and with one decomposed
+at rank_ratio 1/3 (Stage I).
 
     python benchmarks/adapter_params.py        # prints the table, writes benchmarks/results/adapter_params.{txt,json}
 
-Counts depend on shapes only, so SD 2.1 is built on the meta device (no memory, no init time); the
+Counts depend on shapes only, so the full-size UNets are built on the meta device (no memory, no init time); the
 tiny configuration is built for real and checked to give the same counts on the meta device. The
-decomposed SD 2.1 structure comes from the rank_ratio rule (rank = round(ratio * full rank), a
+decomposed full-size structure comes from the rank_ratio rule (rank = round(ratio * full rank), a
 layer decomposed only where that saves parameters), because elr_ext.decompose's SVDs take minutes
 per large layer on a CPU; the rule is checked against elr_ext.decompose on the tiny UNet.
 
@@ -34,10 +35,12 @@ from elr_ext import tiny  # noqa: E402
 from elr_ext.decompose import CONFIG_FORMAT, apply_decomposition_config  # noqa: E402
 from elr_ext.nn import count_parameters  # noqa: E402
 from elr_ext.nn.control_adapter import LocalControlAdapter  # noqa: E402
-from elr_ext.architectures import SD21_UNET_CONFIG  # noqa: E402
+from elr_ext.architectures import SD15_UNET_CONFIG, SD21_UNET_CONFIG, SDXL_UNET_CONFIG  # noqa: E402
 
-# Stable Diffusion 2.1's UNet at 512 px -> 64 latent.
+# The UNets at their training size: SD 1.5 and 2.1 at 512 px -> 64 latent, SDXL at 1024 px -> 128.
+SD15_UNET = {**SD15_UNET_CONFIG, "sample_size": 64}
 SD21_UNET = {**SD21_UNET_CONFIG, "sample_size": 64}
+SDXL_UNET = {**SDXL_UNET_CONFIG, "sample_size": 128}
 # Uni-ControlNet's condition types of the paper: sketch (1), edges (1), segmentation (3).
 CONDITION_CHANNELS = [1, 1, 3]
 RANK_RATIO = 1 / 3
@@ -83,19 +86,24 @@ def count(config: dict, latent_factor: int, decomposed: bool, mode: str, terms: 
 
 
 def check_rules_on_tiny(terms: int, rank: int) -> None:
-    """The shortcuts used for SD 2.1 give what the real thing gives on the tiny UNet."""
-    torch.manual_seed(0)
-    real = tiny.tiny_unet()
-    expected = rank_ratio_config(real, RANK_RATIO)["layers"]
-    elr_ext.decompose(real, rank_ratio=RANK_RATIO)
-    if real._elr_decompose_config["layers"] != expected:
-        raise AssertionError("rank_ratio_config disagrees with elr_ext.decompose on the tiny UNet")
-    for decomposed in (False, True):
-        for mode in ("kron", "full"):
-            cpu = count(tiny.TINY_UNET_CONFIG, 1, decomposed, mode, terms, rank, "cpu")
-            meta = count(tiny.TINY_UNET_CONFIG, 1, decomposed, mode, terms, rank, "meta")
-            if cpu != meta:
-                raise AssertionError(f"meta-device counts differ from real ones: {cpu} vs {meta}")
+    """The shortcuts used at full size give what the real thing gives on the tiny UNets (the default
+    one and the SDXL-shaped one, whose added embedding and multi-layer transformers the rule must
+    cover too)."""
+    for config, latent_factor in ((tiny.TINY_UNET_CONFIG, 1), (tiny.TINY_SDXL_UNET_CONFIG, 2)):
+        torch.manual_seed(0)
+        from diffusers import UNet2DConditionModel
+
+        real = UNet2DConditionModel(**config)
+        expected = rank_ratio_config(real, RANK_RATIO)["layers"]
+        elr_ext.decompose(real, rank_ratio=RANK_RATIO)
+        if real._elr_decompose_config["layers"] != expected:
+            raise AssertionError("rank_ratio_config disagrees with elr_ext.decompose on a tiny UNet")
+        for decomposed in (False, True):
+            for mode in ("kron", "full"):
+                cpu = count(config, latent_factor, decomposed, mode, terms, rank, "cpu")
+                meta = count(config, latent_factor, decomposed, mode, terms, rank, "meta")
+                if cpu != meta:
+                    raise AssertionError(f"meta-device counts differ from real ones: {cpu} vs {meta}")
 
 
 def main(argv=None) -> dict:
@@ -113,8 +121,10 @@ def main(argv=None) -> dict:
 
     rows = []
     # (label, UNet config, image-to-latent factor, device, feature channels)
-    setups = [("tiny", tiny.TINY_UNET_CONFIG, 1, "cpu", None), ("sd21", SD21_UNET, 8, "meta", None),
-              ("sd21, Uni-ControlNet feature channels", SD21_UNET, 8, "meta", UNI_CONTROLNET_FEATURE_CHANNELS)]
+    setups = [("tiny", tiny.TINY_UNET_CONFIG, 1, "cpu", None), ("sd15", SD15_UNET, 8, "meta", None),
+              ("sd21", SD21_UNET, 8, "meta", None),
+              ("sd21, Uni-ControlNet feature channels", SD21_UNET, 8, "meta", UNI_CONTROLNET_FEATURE_CHANNELS),
+              ("sdxl", SDXL_UNET, 8, "meta", None)]
     for label, config, latent_factor, device, feature_channels in setups:
         for decomposed in (False, True):
             for mode in ("full", "kron"):
@@ -143,7 +153,7 @@ def main(argv=None) -> dict:
     print(text)
 
     result = {"split": split, "kron_factor": args.kron_factor, "terms": args.terms, "rank": args.rank, "condition_channels": CONDITION_CHANNELS,
-              "rank_ratio": RANK_RATIO, "sd21_unet": SD21_UNET, "tiny_unet": tiny.TINY_UNET_CONFIG, "rows": rows}
+              "rank_ratio": RANK_RATIO, "sd15_unet": SD15_UNET, "sd21_unet": SD21_UNET, "sdxl_unet": SDXL_UNET, "tiny_unet": tiny.TINY_UNET_CONFIG, "rows": rows}
     os.makedirs(harness.RESULTS_DIR, exist_ok=True)
     stem = "adapter_params" + ("" if args.kron_factor is None else
                                "_lokr" if args.kron_factor == -1 else f"_factor{args.kron_factor}")
