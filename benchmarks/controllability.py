@@ -138,11 +138,11 @@ def denoising_errors(unet, teacher, components, samples, seed: int) -> dict:
 
     g = torch.Generator().manual_seed(seed)
     pixels = torch.stack([s["pixel_values"] for s in samples])
-    text = encode_prompts(components, [s["caption"] for s in samples], "cpu")
+    text = encode_prompts(components, [s["caption"] for s in samples], "cpu", size=pixels.shape[-2:])
     latents = encode_images(components, pixels, g)
     noisy, t, _, target = noisy_inputs(components.noise_scheduler, latents, g)
-    out = unet(noisy, t, encoder_hidden_states=text).sample.float()
-    ref = teacher(noisy, t, encoder_hidden_states=text).sample.float()
+    out = unet(noisy, t, **text.unet_kwargs()).sample.float()
+    ref = teacher(noisy, t, **text.unet_kwargs()).sample.float()
     return {"denoising_mse": measured(float(torch.mean((out - target.float()) ** 2)),
                                     num_samples=len(samples)),
             "kd_mse_vs_teacher": measured(float(torch.mean((out - ref) ** 2)))}

@@ -48,7 +48,7 @@ from elr_training.config import (
 )
 from elr_training.data import ConditionMaker, ConditionSettings, build_training_data, build_validation_set
 from elr_training.loop import LoopState, Training, first_batch, fixed_batch_loss, mean_of, train_loop, weights_checksum
-from elr_training.models import load_components, tiny_components, weight_dtype_of
+from elr_training.models import load_components, load_vae, tiny_components, weight_dtype_of
 from elr_training.optim import make_optimizer
 from elr_training.run_log import RunLog, environment
 from elr_training.stages import STAGES
@@ -57,6 +57,7 @@ from elr_training.stages import STAGES
 # everything else (learning rate, steps, validation cadence ...) comes from each stage's own preset.
 INHERITED_BY_EARLIER_STAGES = (
     "seed",
+    "architecture",
     "data",
     "data_format",
     "caption_column",
@@ -246,11 +247,11 @@ def place_models(config, stage, components, device):
     """Every model on the device; the frozen ones (text encoder, VAE, teacher, backbone) in eval mode and
     the run's low precision, what trains in fp32 (master weights). Returns the trained module."""
     weight_dtype = weight_dtype_of(config.mixed_precision)
-    components.text_encoder.requires_grad_(False).eval()
-    if components.vae is not None:
-        components.vae.requires_grad_(False).eval()
+    for part in (*components.text_encoders, components.vae):
+        if part is not None:
+            part.requires_grad_(False).eval()
     model = stage.trained_module()
-    for frozen in [components.text_encoder, components.vae, *stage.frozen_modules()]:
+    for frozen in [*components.text_encoders, components.vae, *stage.frozen_modules()]:
         if frozen is not None and frozen is not model:
             frozen.to(device)
             if weight_dtype != torch.float32:
@@ -335,29 +336,38 @@ def load_stage_components(config, say):
                 "stage 0 trains the tiny built-in teacher; a --pretrained model is already a teacher: "
                 "use --stage 1 --pretrained ..."
             )
-        say(f"tiny built-in configuration (elr_ext.tiny), seed {config.seed}")
+        say(f"tiny built-in configuration (elr_ext.tiny, {config.architecture or 'tiny'}), seed {config.seed}")
         return tiny_components(
-            config.seed, prediction_type=config.prediction_type, beta_schedule=config.beta_schedule
+            config.seed, config.architecture, prediction_type=config.prediction_type,
+            beta_schedule=config.beta_schedule,
         )
     if isinstance(config, DistillConfig):
         if config.teacher:
             say(f"teacher: {config.teacher}")
-            return load_components(config.teacher, "--teacher", require_vae=False)
-        say(f"teacher: the UNet of --pretrained {config.pretrained}")
-        return load_components(config.pretrained, "--pretrained", require_vae=True)
-    if config.backbone:
+            components = load_components(config.teacher, "--teacher", require_vae=False)
+        else:
+            say(f"teacher: the UNet of --pretrained {config.pretrained}")
+            components = load_components(config.pretrained, "--pretrained", require_vae=True)
+    elif config.backbone:
         say(f"backbone: {config.backbone}")
         components = load_components(config.backbone, "--backbone")
-        if (
-            config.pretrained and components.vae is None
-        ):  # a backbone folder may leave the VAE to --pretrained
+        if config.pretrained and components.vae is None:  # a backbone folder may leave the VAE to --pretrained
             components.vae = load_components(config.pretrained, "--pretrained", require_vae=True).vae
-        return components
-    say(
-        f"backbone: the dense UNet of --pretrained {config.pretrained} (the paper's backbone is the stage-1 "
-        f"student: pass --backbone to use one)"
-    )
-    return load_components(config.pretrained, "--pretrained", require_vae=True)
+    else:
+        say(f"backbone: the dense UNet of --pretrained {config.pretrained} (the paper's backbone is the stage-1 "
+            f"student: pass --backbone to use one)")
+        components = load_components(config.pretrained, "--pretrained", require_vae=True)
+    if config.pretrained_vae:
+        components.vae = load_vae(config.pretrained_vae, "--pretrained-vae")
+        say(f"VAE: --pretrained-vae {config.pretrained_vae}")
+    say(f"model family: {FAMILY_NAMES.get(components.family, components.family)} "
+        f"({components.prediction_type} prediction, {len(components.text_encoders)} text encoder(s))")
+    return components
+
+
+# detect_family's names as a reader knows them
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
+                "one-encoder": "a Stable Diffusion 1.x/2.x-shaped model"}
 
 
 def validate(stage, samples, step, log, config, accelerator) -> dict:

@@ -35,8 +35,14 @@ class TrainConfig:
     seed: int = _f(0, "seed of weights (tiny), data order, noise and condition dropout")
     pretrained: Optional[str] = _f(
         None,
-        "local Stable Diffusion 2.1 folder in diffusers format "
-        "(unet, vae, text_encoder, tokenizer, scheduler); nothing is downloaded",
+        "local Stable Diffusion 1.x, 2.x or SDXL folder in diffusers format (unet, vae, text_encoder, "
+        "tokenizer, scheduler; SDXL also text_encoder_2, tokenizer_2); the family is read from the folder; "
+        "nothing is downloaded",
+    )
+    pretrained_vae: Optional[str] = _f(
+        None,
+        "a VAE folder (config.json + weights) or model folder whose vae/ replaces --pretrained's, e.g. an "
+        "fp16-safe SDXL VAE (SDXL's own overflows in fp16)",
     )
     # data
     data: str = _f("synthetic", "'synthetic', or a data folder / shard spec (see --data-format)")
@@ -113,8 +119,9 @@ class TrainConfig:
     plan_device: str = _f("v100-32gb", "the card --plan estimates for (an unknown name lists the known ones)")
     architecture: Optional[str] = _f(
         None,
-        "--plan without --pretrained: the named architecture's configs (sd15, sd21, sdxl, tiny) "
-        "instead of a model folder's",
+        "without --pretrained: the tiny built-in model (tiny, the default) or a family-shaped variant of it "
+        "(tiny-sd15, tiny-sdxl: latent space, SDXL with two text encoders); with --plan also the full "
+        "families' configs (sd15, sd21, sdxl)",
     )
     text_dropout: Optional[float] = _f(None, "probability of an empty caption (classifier-free guidance)")
 
@@ -429,6 +436,11 @@ def validate(config) -> None:
     from .data import check_data_exists
 
     check_data_exists(config.data)
+    if config.pretrained and config.architecture:
+        raise ValueError(f"--architecture {config.architecture} and --pretrained {config.pretrained}: give one "
+                         "(--pretrained's folder says its family)")
+    if config.pretrained_vae and not os.path.isdir(config.pretrained_vae):
+        raise FileNotFoundError(f"--pretrained-vae {config.pretrained_vae}: no such folder")
     if config.num_threads is not None and config.num_threads < 0:
         raise ValueError(f"--num-threads must be >= 0 (0: torch's default), got {config.num_threads}")
     for name in ("train_batch_size", "gradient_accumulation_steps", "resolution"):

@@ -3,7 +3,8 @@
 fits, and if not, the settings that would.
 
 The models come from configs only: a --pretrained folder's config files (no weights are read), a
-named --architecture (elr_ext.architectures: sd15, sd21, sdxl), or the tiny built-in one. The step
+named --architecture (elr_ext.architectures: sd15, sd21, sdxl), or the tiny built-in one (or its
+tiny-sd15 / tiny-sdxl variants). The step
 is the stage's own: its loss (text encoder, VAE encoder, teacher or backbone, the trained model),
 backward, gradient clipping, the optimiser of --optimizer, with --mixed-precision,
 --train-batch-size, --resolution and --gradient-checkpointing as training would run them. Stage 2
@@ -40,39 +41,59 @@ class ShapeTokenizer:
 def planned_components(config) -> Components:
     """The stage's starting models, built from configs (call under elr_ext.plan: every weight is fake)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig
+
+    from .models import detect_family
 
     if config.pretrained:
         folder = config.pretrained
-        for part, name in CONFIG_FILES.items():
+        family = detect_family(folder, "--pretrained")
+        files = dict(CONFIG_FILES, **({"text_encoder_2": "config.json"} if family == "sdxl" else {}))
+        for part, name in files.items():
             path = os.path.join(folder, part, name)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"--pretrained {folder}: missing {path} (the {part} config --plan builds from)")
-        tokenizer_dir = os.path.join(folder, "tokenizer")
-        text_config = CLIPTextConfig.from_pretrained(os.path.join(folder, "text_encoder"))
-        tokenizer = ShapeTokenizer(text_config.max_position_embeddings)
-        if os.path.isdir(tokenizer_dir):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        encoders, tokenizers = [], []
+        for suffix in ("", "_2") if family == "sdxl" else ("",):
+            text_config = CLIPTextConfig.from_pretrained(os.path.join(folder, "text_encoder" + suffix))
+            encoders.append(_text_encoder(text_config, projection=suffix == "_2"))
+            tokenizers.append(_tokenizer(os.path.join(folder, "tokenizer" + suffix), text_config))
         return Components(
             unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(folder, "unet"))),
-            text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer,
+            text_encoder=encoders[0], tokenizer=tokenizers[0],
             noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
-            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(folder, "vae"))), source=folder)
-    if config.architecture in (None, "tiny"):
-        return tiny_components(config.seed)
+            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(folder, "vae"))), source=folder,
+            text_encoder_2=encoders[1] if len(encoders) > 1 else None,
+            tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None, family=family)
+    if config.architecture is None or config.architecture.startswith("tiny"):
+        return tiny_components(config.seed, config.architecture)
     from elr_ext.architectures import architecture
 
     arch = architecture(config.architecture)
-    if len(arch.text_encoders) > 1:
-        raise ValueError(f"--architecture {arch.name}: the training stages do not take its "
-                         f"{len(arch.text_encoders)} text encoders and added conditioning yet")
-    text_config = CLIPTextConfig(**arch.text_encoders[0])
-    return Components(unet=UNet2DConditionModel(**arch.unet), text_encoder=CLIPTextModel(text_config),
-                      tokenizer=ShapeTokenizer(text_config.max_position_embeddings),
+    configs = [CLIPTextConfig(**c) for c in arch.text_encoders]
+    encoders = [_text_encoder(c, projection=i == 1) for i, c in enumerate(configs)]
+    tokenizers = [ShapeTokenizer(c.max_position_embeddings) for c in configs]
+    return Components(unet=UNet2DConditionModel(**arch.unet), text_encoder=encoders[0], tokenizer=tokenizers[0],
                       noise_scheduler=DDPMScheduler(**arch.scheduler), vae=AutoencoderKL(**arch.vae),
-                      source=f"--architecture {arch.name}")
+                      source=f"--architecture {arch.name}",
+                      text_encoder_2=encoders[1] if len(encoders) > 1 else None,
+                      tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
+                      family="sdxl" if len(encoders) > 1 else arch.name)
+
+
+def _text_encoder(text_config, projection: bool):
+    """SDXL's second encoder carries the projection whose output is the pooled embedding."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(text_config)
+
+
+def _tokenizer(folder: str, text_config):
+    if os.path.isdir(folder):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return ShapeTokenizer(text_config.max_position_embeddings)
 
 
 def planned_batch(config, components) -> dict:
@@ -109,7 +130,7 @@ def build_planned_step(config, place_models):
         batch = planned_batch(config, components)
         generator = torch.Generator().manual_seed(config.seed)
         models = {"trained": model, **{f"frozen{i}": m for i, m in enumerate(
-            [components.text_encoder, components.vae, *stage.frozen_modules()]) if m is not None and m is not model}}
+            [*components.text_encoders, components.vae, *stage.frozen_modules()]) if m is not None and m is not model}}
         return PlannedStep(models=models, loss=lambda: stage.loss(model, batch, generator)[0],
                            optimizer=optimizer, max_grad_norm=config.max_grad_norm)
 

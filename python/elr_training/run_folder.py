@@ -147,7 +147,7 @@ def load_control_model(run: Optional[str] = None, adapter: Optional[str] = None,
     components = load_components(resolve_model_folder(backbone), "--backbone")
     types = list(condition_types or control.get("condition_types") or [])
     description = {"backbone": os.path.abspath(backbone), "adapter": None, "checkpoint": None}
-    for part in (components.unet, components.text_encoder, components.vae):
+    for part in (components.unet, *components.text_encoders, components.vae):
         if part is not None:
             part.to(device).eval()
     if no_control:

@@ -1,5 +1,6 @@
-"""Sampling and pictures: images generated with ELRControlPipeline (with or without an adapter), the
-conversions to uint8 RGB and the one image grid that validation and evaluation draw.
+"""Sampling and pictures: images generated with ELRControlPipeline (ELRControlXLPipeline for SDXL;
+with or without an adapter), the conversions to uint8 RGB and the one image grid that validation and
+evaluation draw.
 
 Every generated image depends only on its seed (one generator per image), not on the batch it is in,
 so the same scene gets the same noise whichever model draws it.
@@ -35,14 +36,20 @@ def generate(
     alone (no condition; `size` (H, W) gives the image size). Image i's noise comes from seed + i."""
     from diffusers import DDIMScheduler
 
-    from elr_ext.pipelines import ELRControlPipeline
+    from elr_ext.pipelines import control_pipeline_class
 
     unet = unwrap(unet)
     if adapter is not None:
         size = condition.shape[-2:]
     elif size is None:
         raise ValueError("generate without an adapter needs size=(height, width)")
-    pipeline = ELRControlPipeline(
+    pipeline_class = control_pipeline_class(unet)
+    # SDXL: the second encoder; the unconditional branch encodes "" as the training's caption dropout does
+    xl = {} if components.text_encoder_2 is None else dict(
+        text_encoder_2=components.text_encoder_2, tokenizer_2=components.tokenizer_2,
+        force_zeros_for_empty_prompt=False)
+    pipeline = pipeline_class(
+        **xl,
         vae=components.vae,
         text_encoder=components.text_encoder,
         tokenizer=components.tokenizer,

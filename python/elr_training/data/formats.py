@@ -81,19 +81,33 @@ def read_map(source, where: str = "") -> np.ndarray:
 def resize_and_crop(image: np.ndarray, resolution: int, nearest: bool = False) -> np.ndarray:
     """Shorter side to `resolution` (area filter when shrinking, bicubic when growing), centre crop."""
     h, w = image.shape[:2]
-    scale = resolution / min(h, w)
-    if scale != 1.0:
-        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-        resample = Image.NEAREST if nearest else (Image.BOX if scale < 1 else Image.BICUBIC)
-        image = np.asarray(Image.fromarray(image).resize(size, resample))
-        h, w = image.shape[:2]
-    top, left = (h - resolution) // 2, (w - resolution) // 2
+    size = resized_size(h, w, resolution)
+    if size != (h, w):
+        resample = Image.NEAREST if nearest else (Image.BOX if resolution < min(h, w) else Image.BICUBIC)
+        image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), resample))
+    top, left = crop_top_left(h, w, resolution)
     return image[top : top + resolution, left : left + resolution]
+
+
+def resized_size(h: int, w: int, resolution: int) -> tuple:
+    """(height, width) after the shorter side is scaled to `resolution`."""
+    scale = resolution / min(h, w)
+    if scale == 1.0:
+        return h, w
+    return max(resolution, round(h * scale)), max(resolution, round(w * scale))
+
+
+def crop_top_left(h: int, w: int, resolution: int) -> tuple:
+    """(top, left) of resize_and_crop's centre crop in the resized image: SDXL's crop micro-conditioning."""
+    rh, rw = resized_size(h, w, resolution)
+    return (rh - resolution) // 2, (rw - resolution) // 2
 
 
 class SampleTransform:
     """Raw sample {"image", "caption", "conditions_given"} -> training sample:
-    {"pixel_values": [3, R, R] in [-1, 1], "conditions": [C, R, R] in [0, 1], "caption": str}."""
+    {"pixel_values": [3, R, R] in [-1, 1], "conditions": [C, R, R] in [0, 1], "caption": str,
+    "original_size": (h, w) of the image as read, "crop_top_left": (top, left) of the crop} (the last
+    two are SDXL's micro-conditioning)."""
 
     def __init__(self, resolution: int, conditions: Optional[ConditionMaker]):
         self.resolution, self.conditions = resolution, conditions
@@ -108,6 +122,8 @@ class SampleTransform:
             .sub(1.0),
             "caption": raw["caption"],
             "key": raw.get("key", ""),
+            "original_size": tuple(raw["image"].shape[:2]),
+            "crop_top_left": crop_top_left(*raw["image"].shape[:2], self.resolution),
         }
         if self.conditions is not None:
             given = {
@@ -377,6 +393,9 @@ def collate(items: list) -> dict:
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
         batch["captions"] = [s["caption"] for s in samples]
         batch["keys"] = [s["key"] for s in samples]
+        if all("original_size" in s for s in samples):
+            batch["original_sizes"] = torch.tensor([s["original_size"] for s in samples])
+            batch["crops_top_left"] = torch.tensor([s["crop_top_left"] for s in samples])
         if "conditions" in samples[0]:
             batch["conditions"] = torch.stack([s["conditions"] for s in samples])
         if all("mask" in s for s in samples):

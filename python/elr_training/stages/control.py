@@ -82,16 +82,16 @@ class ControlStage(Stage):
 
     def loss(self, model, batch: dict, generator: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
         captions, conditions = self.dropout(batch["captions"], batch["conditions"], self.types, generator)
-        text = encode_prompts(self.components, captions, self.device)
+        text = encode_prompts(self.components, captions, self.device, batch)
         latents = encode_images(self.components, batch["pixel_values"].to(self.device), generator)
         scheduler = self.components.noise_scheduler
         noisy, t, _, target = noisy_inputs(scheduler, latents, generator)
-        down, mid = model(noisy, t, text, conditions.to(self.device))
+        down, mid = model(noisy, t, text.states, conditions.to(self.device), added_cond_kwargs=text.added)
         dtype = self.unet.dtype
         prediction = self.unet(
             noisy.to(dtype),
             t,
-            encoder_hidden_states=text.to(dtype),
+            **text.to(dtype).unet_kwargs(),
             down_block_additional_residuals=[r.to(dtype) for r in down],
             mid_block_additional_residual=mid.to(dtype),
         ).sample

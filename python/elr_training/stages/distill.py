@@ -126,16 +126,16 @@ class DistillStage(Stage):
 
     def loss(self, model, batch: dict, generator: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
         # No text dropout in Stage I: the student learns the teacher's conditional prediction.
-        text = encode_prompts(self.components, batch["captions"], self.device)
+        text = encode_prompts(self.components, batch["captions"], self.device, batch)
         latents = encode_images(self.components, batch["pixel_values"].to(self.device), generator)
         scheduler = self.components.noise_scheduler
         noisy, t, _, target = noisy_inputs(scheduler, latents, generator)
         with torch.no_grad():
             teacher_out = self.teacher(
-                noisy.to(self.teacher.dtype), t, encoder_hidden_states=text.to(self.teacher.dtype)
+                noisy.to(self.teacher.dtype), t, **text.to(self.teacher.dtype).unet_kwargs()
             ).sample
         teacher_feats = self.teacher_features.pop() if self.teacher_features else {}
-        student_out = model(noisy, t, encoder_hidden_states=text).sample
+        student_out = model(noisy, t, **text.unet_kwargs()).sample
         student_feats = self.student_features.pop() if self.student_features else {}
         weights = timestep_weights(self.config, scheduler, t)
         kd = weighted_mse(student_out, teacher_out, weights)
@@ -165,17 +165,15 @@ class DistillStage(Stage):
         )
         # distillation error on fixed noise and timesteps: comparable from one validation to the next
         g = torch.Generator().manual_seed(self.config.seed)
-        text = encode_prompts(self.components, captions, self.device)
+        text = encode_prompts(self.components, captions, self.device, size=pixels.shape[-2:])
         latents = encode_images(self.components, pixels.to(self.device), g)
         noisy, t, _, _ = noisy_inputs(self.components.noise_scheduler, latents, g)
         unwrapped = unwrap(self.student)
         was_training = unwrapped.training
         unwrapped.eval()
         mse = F.mse_loss(
-            unwrapped(noisy, t, encoder_hidden_states=text).sample.float(),
-            self.teacher(
-                noisy.to(self.teacher.dtype), t, encoder_hidden_states=text.to(self.teacher.dtype)
-            ).sample.float(),
+            unwrapped(noisy, t, **text.unet_kwargs()).sample.float(),
+            self.teacher(noisy.to(self.teacher.dtype), t, **text.to(self.teacher.dtype).unet_kwargs()).sample.float(),
         )
         unwrapped.train(was_training)
         if self.teacher_features:  # the hooks fired during validation too

@@ -24,7 +24,7 @@ class TeacherStage(Stage):
     number = 0
 
     def __init__(self, config, components: Components, device, say):
-        if components.source != "tiny":
+        if not components.is_tiny:
             raise ValueError(
                 "stage 0 trains the tiny built-in teacher; with --pretrained the pretrained UNet is "
                 "the teacher: run --stage 1"
@@ -51,10 +51,10 @@ class TeacherStage(Stage):
 
     def loss(self, model, batch: dict, generator: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
         captions = drop_text(batch["captions"], self.config.text_dropout, generator)
-        text = encode_prompts(self.components, captions, self.device)
+        text = encode_prompts(self.components, captions, self.device, batch)
         latents = encode_images(self.components, batch["pixel_values"].to(self.device), generator)
         noisy, t, _, target = noisy_inputs(self.components.noise_scheduler, latents, generator)
-        prediction = model(noisy, t, encoder_hidden_states=text).sample
+        prediction = model(noisy, t, **text.unet_kwargs()).sample
         loss = weighted_mse(prediction, target, timestep_weights(self.config, self.components.noise_scheduler, t))
         return loss, {"loss": loss.item()}
 
