@@ -9,12 +9,17 @@ section 2.4): the frozen backbone UNet takes the LocalControlAdapter's residuals
 vae=None: the model works in pixel space (the tiny built-in configuration); with a VAE the adapter's
 latent_factor must be the VAE's downsampling factor. adapter=None samples the backbone alone (plain
 text-to-image, e.g. to compare with and without control, or to look at a Stage I student).
+
+`ControlPipelineBase` holds everything but the text conditioning: the condition maps, the size
+checks, the initial noise, the guided sampling loop with the adapter's residuals and the decoding.
+ELRControlPipeline (one text encoder: SD 1.x / 2.x and the tiny model) and ELRControlXLPipeline
+(elr_control_xl.py: SDXL's two encoders, pooled embedding and time ids) add only their text inputs.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,6 +28,9 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..nn.control_adapter import LocalControlAdapter
+from .prompts import check_text_encoders, encode_text, uses_added_conditioning
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 def vae_downsampling(vae) -> int:
@@ -65,51 +73,49 @@ def condition_to_tensor(condition) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
 
 
-class ELRControlPipeline(DiffusionPipeline):
-    """Classifier-free guided sampling with local control (Uni-ControlNet's sampling: the condition
-    maps drive the adapter in the unconditional branch as well, so guidance sharpens the text and
-    keeps the structure).
+def negative_prompts(negative_prompt, count: int) -> List[str]:
+    """The unconditional branch's texts: "" for each prompt by default, one text for all, or a list
+    with one per prompt."""
+    if negative_prompt is None:
+        return [""] * count
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * count
+    negative_prompt = list(negative_prompt)
+    if len(negative_prompt) != count:
+        raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {count} prompts")
+    return negative_prompt
 
-    Components: vae (optional; None = pixel space), text_encoder (transformers CLIPTextModel),
-    tokenizer (CLIPTokenizer), unet (the frozen backbone UNet2DConditionModel), adapter
-    (elr_ext.nn.LocalControlAdapter; optional: None samples the backbone alone and takes no
-    condition), scheduler (any diffusers scheduler)."""
 
-    model_cpu_offload_seq = "text_encoder->adapter->unet->vae"
+class ControlPipelineBase(DiffusionPipeline):
+    """What the control pipelines share: classifier-free guided sampling with local control
+    (Uni-ControlNet's sampling: the condition maps drive the adapter in the unconditional branch as
+    well, so guidance sharpens the text and keeps the structure), any diffusers scheduler, and the
+    decoding. A subclass registers its components with `_register_control` and supplies
+    `text_inputs`, the UNet's text conditioning for both branches."""
+
     _optional_components = ["vae", "adapter"]
+    # decode an fp16 VAE whose config sets force_upcast in fp32 (SDXL's VAE overflows in fp16)
+    upcast_fp16_vae = False
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, adapter: Optional[LocalControlAdapter], scheduler):
-        super().__init__()
+    def _register_control(self, **components) -> None:
+        vae, unet, adapter = components["vae"], components["unet"], components["adapter"]
         factor = vae_downsampling(vae)
         if adapter is not None and adapter.config.latent_factor != factor:
             where = "pixel space (vae=None)" if vae is None else "the VAE's downsampling"
             raise ValueError(f"adapter.config.latent_factor={adapter.config.latent_factor} but {where} gives {factor}")
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, adapter=adapter,
-                              scheduler=scheduler)
+        if vae is not None and vae.config.latent_channels != unet.config.in_channels:
+            raise ValueError(f"the VAE's latent_channels={vae.config.latent_channels} but the UNet takes "
+                             f"in_channels={unet.config.in_channels}")
+        self.register_modules(**components)
         self.latent_factor = factor
         self.image_processor = VaeImageProcessor(vae_scale_factor=factor, do_normalize=True)
 
     # ------------------------------------------------------------------ inputs
-    def encode_prompt(self, prompt: List[str], device, num_images_per_prompt: int, negative_prompt=None,
-                      guidance: bool = True) -> torch.Tensor:
-        """Text states [(2 if guidance) * N * n, L, D], the unconditional (negative) half first."""
-
-        def encode(texts: List[str]) -> torch.Tensor:
-            ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids.to(device)
-            states = self.text_encoder(ids)[0].to(dtype=self.text_encoder.dtype)
-            return states.repeat_interleave(num_images_per_prompt, dim=0)
-
-        states = encode(prompt)
-        if not guidance:
-            return states
-        if negative_prompt is None:
-            negative_prompt = [""] * len(prompt)
-        elif isinstance(negative_prompt, str):
-            negative_prompt = [negative_prompt] * len(prompt)
-        if len(negative_prompt) != len(prompt):
-            raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {len(prompt)} prompts")
-        return torch.cat([encode(list(negative_prompt)), states])
+    def text_inputs(self, prompts: List[str], device, num_images_per_prompt: int, negative_prompt, guidance: bool,
+                    height: int, width: int, **options) -> Tuple[torch.Tensor, Optional[dict]]:
+        """(encoder_hidden_states, added_cond_kwargs or None) for the UNet and the adapter, the
+        unconditional half first when guiding."""
+        raise NotImplementedError
 
     def prepare_condition(self, condition, batch: int, num_images_per_prompt: int, device, dtype):
         """Each condition map as [batch * num_images_per_prompt, C, H, W] (a list when the adapter
@@ -149,7 +155,20 @@ class ELRControlPipeline(DiffusionPipeline):
         if height % step or width % step:
             raise ValueError(f"image size {height}x{width} is not a multiple of {step} (latent factor "
                              f"{self.latent_factor} x the UNet's total downsampling {step // self.latent_factor})")
-        return condition, height, width
+        return condition, int(height), int(width)
+
+    def prepare_latents(self, batch: int, height: int, width: int, dtype, device, generator, latents=None):
+        """The initial noise [batch, in_channels, height / f, width / f] (drawn, or `latents` checked),
+        not yet scaled by the scheduler's init_noise_sigma."""
+        shape = (batch, self.unet.config.in_channels, height // self.latent_factor, width // self.latent_factor)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for {batch} images; pass one or one per image")
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents has shape {list(latents.shape)}; expected {list(shape)} (images x the UNet's "
+                             f"in_channels x the image size {height}x{width} / latent factor {self.latent_factor})")
+        return latents.to(device=device, dtype=dtype)
 
     def _step_kwargs(self, generator, eta: float) -> dict:
         params = set(inspect.signature(self.scheduler.step).parameters)
@@ -161,6 +180,142 @@ class ELRControlPipeline(DiffusionPipeline):
         return kwargs
 
     # ------------------------------------------------------------------ sampling
+    def control_residuals(self, sample, t, text_states, condition, conditioning_scale: float,
+                          added: Optional[dict]):
+        """The adapter's (down, mid) residuals in the UNet's dtype, or (None, None) without an adapter.
+        An adapter kept in another dtype than the UNet (fp32 beside fp16 / bf16) gets its inputs in
+        its own dtype."""
+        if self.adapter is None:
+            return None, None
+        dtype = self.adapter.dtype
+        if added is not None:
+            added = {k: v.to(dtype) for k, v in added.items()}
+        down, mid = self.adapter(sample.to(dtype), t, text_states.to(dtype), condition,
+                                 conditioning_scale=conditioning_scale, added_cond_kwargs=added)
+        return [r.to(self.unet.dtype) for r in down], mid.to(self.unet.dtype)
+
+    def denoise(self, latents, text_states, added: Optional[dict], condition, num_inference_steps: int,
+                guidance_scale: float, conditioning_scale: float, generator, eta: float, device):
+        """The sampling loop from the initial noise to the final latents."""
+        guidance = guidance_scale > 1.0
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+        latents = latents * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(generator, eta)
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for t in timesteps:
+                model_input = torch.cat([latents, latents]) if guidance else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                down, mid = self.control_residuals(model_input, t, text_states, condition, conditioning_scale, added)
+                noise = self.unet(model_input, t, encoder_hidden_states=text_states, added_cond_kwargs=added,
+                                  down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                                  return_dict=False)[0]
+                if guidance:
+                    uncond, cond = noise.chunk(2)
+                    noise = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+                progress.update()
+        return latents
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] (the latents themselves in pixel space). With
+        `upcast_fp16_vae`, an fp16 VAE whose config sets force_upcast decodes in fp32 and is cast back
+        to fp16 afterwards; a VAE that is safe in fp16 (force_upcast=False) decodes as it is."""
+        vae = self.vae
+        if vae is None:
+            return latents
+        forced = bool(getattr(vae.config, "force_upcast", False))
+        upcast = self.upcast_fp16_vae and vae.dtype == torch.float16 and forced
+        if upcast:
+            vae.to(dtype=torch.float32)
+        try:
+            latents = latents.to(dtype=vae.dtype)
+            mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+            if mean is not None and std is not None:
+                shape = (1, -1, 1, 1)
+                mean = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+                std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+                latents = latents * std / vae.config.scaling_factor + mean
+            else:
+                latents = latents / vae.config.scaling_factor
+            image = vae.decode(latents, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
+        return image
+
+    def generate(self, prompt, condition, *, num_inference_steps: int, guidance_scale: float,
+               conditioning_scale: float, negative_prompt, generator, num_images_per_prompt: int, output_type: str,
+               height: Optional[int], width: Optional[int], latents: Optional[torch.Tensor], eta: float,
+               return_dict: bool, **text_options):
+        """The whole generation; `text_options` go to `text_inputs`. The pipelines' __call__ document
+        the arguments."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not supported; expected one of {', '.join(OUTPUT_TYPES)}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is empty: give a text or a list of texts")
+        device = self._execution_device
+        dtype = self.unet.dtype
+        guidance = guidance_scale > 1.0
+        images = len(prompts) * num_images_per_prompt
+
+        condition, height, width = self.prepare_control(condition, height, width, len(prompts),
+                                                        num_images_per_prompt, device, dtype, guidance)
+        text_states, added = self.text_inputs(prompts, device, num_images_per_prompt, negative_prompt, guidance,
+                                              height, width, **text_options)
+        latents = self.prepare_latents(images, height, width, dtype, device, generator, latents)
+        latents = self.denoise(latents, text_states, added, condition, num_inference_steps, guidance_scale,
+                               conditioning_scale, generator, eta, device)
+
+        if output_type == "latent":
+            image = latents
+        else:
+            image = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+
+class ELRControlPipeline(ControlPipelineBase):
+    """Local control on a one-text-encoder backbone (SD 1.x / 2.x, the tiny model).
+
+    Components: vae (optional; None = pixel space), text_encoder (transformers CLIPTextModel),
+    tokenizer (CLIPTokenizer), unet (the frozen backbone UNet2DConditionModel), adapter
+    (elr_ext.nn.LocalControlAdapter; optional: None samples the backbone alone and takes no
+    condition), scheduler (any diffusers scheduler). An SDXL UNet needs ELRControlXLPipeline."""
+
+    model_cpu_offload_seq = "text_encoder->adapter->unet->vae"
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, adapter: Optional[LocalControlAdapter], scheduler):
+        super().__init__()
+        if uses_added_conditioning(unet):
+            raise ValueError("the UNet is SDXL's (addition_embed_type='text_time'): it needs the pooled embedding "
+                             "and time ids of two text encoders; use ELRControlXLPipeline with text_encoder_2 and "
+                             "tokenizer_2")
+        check_text_encoders(unet, [text_encoder])
+        self._register_control(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, adapter=adapter,
+                               scheduler=scheduler)
+
+    def encode_prompt(self, prompt: List[str], device, num_images_per_prompt: int, negative_prompt=None,
+                      guidance: bool = True) -> torch.Tensor:
+        """Text states [(2 if guidance) * N * n, L, D], the unconditional (negative) half first."""
+
+        def encode(texts: List[str]) -> torch.Tensor:
+            states = encode_text([self.tokenizer], [self.text_encoder], texts, device).states
+            return states.to(dtype=self.text_encoder.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+
+        states = encode(list(prompt))
+        if not guidance:
+            return states
+        return torch.cat([encode(negative_prompts(negative_prompt, len(prompt))), states])
+
+    def text_inputs(self, prompts, device, num_images_per_prompt, negative_prompt, guidance, height, width):
+        return self.encode_prompt(prompts, device, num_images_per_prompt, negative_prompt, guidance), None
+
     @torch.no_grad()
     def __call__(self, prompt: Union[str, List[str]], condition=None, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, conditioning_scale: float = 1.0,
@@ -183,62 +338,16 @@ class ELRControlPipeline(DiffusionPipeline):
             negative_prompt: the unconditional branch's text (default "").
             generator: torch generator(s) for the initial noise (and stochastic schedulers).
             num_images_per_prompt: images per text.
-            output_type: "pil", "np" ([N, H, W, 3] in [0, 1]) or "pt" ([N, 3, H, W] in [0, 1]).
+            output_type: "pil", "np" ([N, H, W, 3] in [0, 1]), "pt" ([N, 3, H, W] in [0, 1]) or
+                "latent" (the final latents, not decoded).
             height, width: image size (default: the condition's, or without a condition the UNet's
                 sample_size times the latent factor); must be a multiple of latent_factor * the UNet's
                 total downsampling.
             latents: initial noise (instead of drawing it).
             eta: DDIM's eta (ignored by schedulers without it).
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type={output_type!r} is not supported; expected 'pil', 'np' or 'pt'")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        device = self._execution_device
-        dtype = self.unet.dtype
-        guidance = guidance_scale > 1.0
-
-        text_states = self.encode_prompt(prompts, device, num_images_per_prompt, negative_prompt, guidance)
-        condition, height, width = self.prepare_control(condition, height, width, len(prompts),
-                                                        num_images_per_prompt, device, dtype, guidance)
-
-        shape = (len(prompts) * num_images_per_prompt, self.unet.config.in_channels, height // self.latent_factor,
-                 width // self.latent_factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents has shape {list(latents.shape)}; expected {list(shape)}")
-        else:
-            latents = latents.to(device=device, dtype=dtype)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * self.scheduler.init_noise_sigma
-        step_kwargs = self._step_kwargs(generator, eta)
-
-        timesteps = self.scheduler.timesteps
-        with self.progress_bar(total=len(timesteps)) as progress:
-            for t in timesteps:
-                model_input = torch.cat([latents, latents]) if guidance else latents
-                model_input = self.scheduler.scale_model_input(model_input, t)
-                down = mid = None
-                if self.adapter is not None:
-                    down, mid = self.adapter(model_input, t, text_states, condition,
-                                             conditioning_scale=conditioning_scale)
-                # an adapter kept in fp32 beside a bf16/fp16 UNet: its residuals in the UNet's dtype
-                if down is not None:
-                    down, mid = [r.to(self.unet.dtype) for r in down], mid.to(self.unet.dtype)
-                noise = self.unet(model_input, t, encoder_hidden_states=text_states,
-                                  down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-                if guidance:
-                    uncond, cond = noise.chunk(2)
-                    noise = uncond + guidance_scale * (cond - uncond)
-                latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
-                progress.update()
-
-        if self.vae is None:
-            image = latents
-        else:
-            image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        image = self.image_processor.postprocess(image, output_type=output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return ImagePipelineOutput(images=image)
+        return self.generate(prompt, condition, num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, conditioning_scale=conditioning_scale,
+                             negative_prompt=negative_prompt, generator=generator,
+                             num_images_per_prompt=num_images_per_prompt, output_type=output_type, height=height,
+                             width=width, latents=latents, eta=eta, return_dict=return_dict)

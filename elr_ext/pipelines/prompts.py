@@ -54,29 +54,37 @@ def uses_added_conditioning(unet) -> bool:
 
 def encode_text(tokenizers: Sequence, text_encoders: Sequence, prompts: List[str], device) -> TextStates:
     """The text states of `prompts`, padded to each tokenizer's model_max_length. One encoder: its
-    last hidden states. Two (SDXL): each one's penultimate hidden states, concatenated, and the
-    pooled output of the last one (CLIPTextModelWithProjection: the projected embedding)."""
+    last hidden states (with the attention mask where its config sets use_attention_mask, as
+    StableDiffusionPipeline does). Two (SDXL): each one's penultimate hidden states, concatenated,
+    and the pooled embedding: the first 2-D output among the encoders, which in SDXL is the second
+    one's (CLIPTextModelWithProjection's projected `text_embeds`)."""
     tokenizers, text_encoders = list(tokenizers), list(text_encoders)
     if len(tokenizers) != len(text_encoders) or not text_encoders:
         raise ValueError(f"encode_text needs one tokenizer per text encoder, got {len(tokenizers)} tokenizers "
                          f"for {len(text_encoders)} text encoders")
     prompts = list(prompts)
     if len(text_encoders) == 1:
-        return TextStates(text_encoders[0](_token_ids(tokenizers[0], prompts, device))[0])
+        encoder = text_encoders[0]
+        inputs = _tokens(tokenizers[0], prompts)
+        mask = None
+        if getattr(encoder.config, "use_attention_mask", False):
+            mask = inputs.attention_mask.to(device)
+        return TextStates(encoder(inputs.input_ids.to(device), attention_mask=mask)[0])
     states, pooled = [], None
     for tokenizer, encoder in zip(tokenizers, text_encoders):
-        output = encoder(_token_ids(tokenizer, prompts, device), output_hidden_states=True)
-        pooled = output[0]  # the last encoder's: text_embeds of CLIPTextModelWithProjection
+        output = encoder(_tokens(tokenizer, prompts).input_ids.to(device), output_hidden_states=True)
+        if pooled is None and output[0].dim() == 2:  # text_embeds of a CLIPTextModelWithProjection
+            pooled = output[0]
         states.append(output.hidden_states[-2])
-    if pooled.dim() != 2:
-        raise ValueError(f"the last text encoder ({type(text_encoders[-1]).__name__}) gives no pooled embedding "
-                         "[N, D]; SDXL's second encoder is a CLIPTextModelWithProjection")
+    if pooled is None:
+        raise ValueError(f"none of the text encoders ({', '.join(type(e).__name__ for e in text_encoders)}) gives "
+                         "a pooled embedding [N, D]; SDXL's second encoder is a CLIPTextModelWithProjection")
     return TextStates(torch.cat(states, dim=-1), pooled)
 
 
-def _token_ids(tokenizer, prompts: List[str], device) -> torch.Tensor:
+def _tokens(tokenizer, prompts: List[str]):
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
+                     return_tensors="pt")
 
 
 def time_ids(original_sizes: Sequence[Size], crops_top_left: Sequence[Size], target_size: Size,
@@ -99,3 +107,32 @@ def added_cond_kwargs(unet, pooled: Optional[torch.Tensor], ids: Optional[torch.
         raise ValueError("the UNet has addition_embed_type='text_time' (SDXL): it needs the pooled text embedding "
                          "and the time ids; encode the prompts with both of its text encoders")
     return {"text_embeds": pooled, "time_ids": ids.to(device=pooled.device, dtype=pooled.dtype)}
+
+
+def check_text_encoders(unet, text_encoders: Sequence) -> None:
+    """Raise a ValueError saying what does not fit when `text_encoders` cannot condition `unet`: an
+    SDXL UNet (text_time) takes two encoders, the others one; the hidden sizes (summed for SDXL)
+    must make the UNet's cross_attention_dim; for SDXL the last encoder's projection_dim plus six
+    time ids of addition_time_embed_dim features must make the added embedding's input width."""
+    text_encoders = list(text_encoders)
+    xl = uses_added_conditioning(unet)
+    family = "an SDXL UNet (addition_embed_type='text_time')" if xl else "a UNet without added conditioning"
+    if len(text_encoders) != (2 if xl else 1):
+        raise ValueError(f"{family} takes {2 if xl else 1} text encoder(s), got {len(text_encoders)}")
+    cross = unet.config.cross_attention_dim
+    hidden = sum(int(e.config.hidden_size) for e in text_encoders)
+    if isinstance(cross, int) and hidden != cross:
+        sizes = " + ".join(str(e.config.hidden_size) for e in text_encoders)
+        raise ValueError(f"the text encoders' hidden size ({sizes}) does not match the UNet's "
+                         f"cross_attention_dim {cross}")
+    if xl:
+        projection = getattr(text_encoders[-1].config, "projection_dim", None)
+        if projection is None or not hasattr(text_encoders[-1], "text_projection"):
+            raise ValueError(f"SDXL's second text encoder must give a pooled projection (CLIPTextModelWithProjection), "
+                             f"got {type(text_encoders[-1]).__name__}")
+        expected = unet.config.projection_class_embeddings_input_dim
+        given = int(projection) + 6 * int(unet.config.addition_time_embed_dim)
+        if expected is not None and given != expected:
+            raise ValueError(f"the pooled embedding ({projection}) and 6 time ids x addition_time_embed_dim "
+                             f"({unet.config.addition_time_embed_dim}) give {given} features; the UNet's added "
+                             f"embedding takes projection_class_embeddings_input_dim={expected}")
