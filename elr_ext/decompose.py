@@ -25,7 +25,15 @@ listed in the report with the reason.
 
 DEFAULT_RANK_RATIO = 1/3: on SD 2.1's UNet it gives 866M -> 365M parameters, so that with the text
 encoder and the VAE unchanged the whole model goes 1290M -> 789M, the paper's 1290M -> 790M
-(benchmarks/results/decompose_sd21.txt).
+(benchmarks/results/decompose_sd21.txt). The same policy takes SD 1.5's UNet 860M -> 361M and
+SDXL's 2567M -> 1226M (whole pipelines 1066M -> 568M and 3469M -> 2127M; `benchmarks/decompose.py
+--architecture sd15|sd21|sdxl`, benchmarks/results/decompose_<architecture>.txt).
+
+Layers are chosen by type, never by name, so every diffusers UNet layout is handled the same way:
+SD 1.x's 1x1 conv proj_in / proj_out, SD 2.x's and SDXL's linear ones, SDXL's multi-layer transformer
+blocks and its added text_time embedding (add_embedding.linear_1/2, decomposed like the time
+embedding). Each dense layer is released as soon as its low-rank replacement is in place, so the
+memory peak is the dense model plus one layer's SVD, not dense and low-rank models side by side.
 
 include / exclude are shell-style patterns (fnmatch, case-sensitive) matched against the whole
 qualified module name, e.g. "down_blocks.*", "*.attn2.to_[kv]"; a string or a list of them. Each
@@ -33,7 +41,8 @@ pattern must match at least one nn.Linear / nn.Conv2d of the model. Run decompos
 adapters: it replaces plain nn.Linear / nn.Conv2d (exact types) only.
 
 Attention modules of diffusers whose to_q / to_k / to_v became low rank get LowRankAttnProcessor
-(q, k, v through one fused lowrank_proj call).
+(q, k, v through one fused lowrank_proj call): every such module, self- and cross-attention of each
+layer of each transformer block, whatever the context width (768, 1024, 2048).
 
 Saving: the model keeps its decomposition in `model._elr_decompose_config` (per-layer kind and rank).
 save_decomposed writes `model.safetensors` (the state) and `elr_decompose.json` (that config plus,
@@ -311,8 +320,10 @@ def decompose(model: nn.Module, rank: Optional[int] = None, rank_ratio: Optional
                                      {n: t[4] for n, t in todo.items()}, fixed, policy["param_budget"])
         del spectra
 
+    del layers  # from here on only `todo` refers to the dense layers, and it lets go of each in turn
     chosen = {}
-    for name, (m, out, inp, full, k_save) in todo.items():  # one layer at a time: one SVD in memory
+    for name in list(todo):  # one layer at a time: one SVD in memory, each dense layer freed once replaced
+        m, out, inp, full, k_save = todo.pop(name)
         factors = None
         if budget_ranks is not None:
             k = budget_ranks[name]
@@ -338,6 +349,7 @@ def decompose(model: nn.Module, rank: Optional[int] = None, rank_ratio: Optional
         r = reports[name]
         r.rank, r.params_after, r.rel_error = k, sum(p.numel() for p in low.parameters()), _relative_error(m.weight, low)
         chosen[name] = {"kind": r.kind, "rank": k}
+        del m, low  # the model no longer holds the dense layer: its weight goes now, not at the end
 
     installed, skipped = install_attention_processors(model)
     config = getattr(model, CONFIG_ATTR, None) or {"format": CONFIG_FORMAT, "layers": {}}

@@ -2,7 +2,9 @@
 they replace (fp64 reference, the tolerance rule), the truncated SVD, gradients, elr_ext.decompose on
 a tiny diffusers UNet (full rank end to end, exact parameter counts, every rank policy, include /
 exclude), LowRankAttnProcessor against diffusers' AttnProcessor2_0 on the same low-rank weights,
-save/load, bad input."""
+save/load, bad input; and the same for the family-shaped tiny UNets of elr_ext.tiny (SD 1.5's conv
+projections and single head size, SDXL's multi-layer transformer blocks, linear projections and
+text_time added embedding)."""
 
 from __future__ import annotations
 
@@ -388,3 +390,151 @@ def test_report_type():
     assert isinstance(report, DecomposeReport)
     assert [l.rank for l in report.layers] == [8, None]  # [2, 64] at rank 2 would not save
     assert report.params_after == 64 * 8 * 2 + 64 + 64 * 2 + 2
+
+
+# ------------------------------------------------------------- family-shaped UNets: SD 1.5, SDXL
+# elr_ext.tiny's variants keep each family's layout at tiny size: tiny-sd15 has 1x1 conv proj_in /
+# proj_out and one attention_head_dim for every level; tiny-sdxl has no attention in its first level,
+# transformer blocks of 1 and 2 layers (the mid block and up_blocks.0 take the last entry, 2), linear
+# projections, 64-d context and the text_time added embedding (add_embedding.linear_1/2).
+from elr_ext.tiny import tiny_variant_unet  # noqa: E402
+
+VARIANTS = ("tiny-sdxl", "tiny-sd15")
+# Attention modules (attn1 + attn2 per transformer layer): tiny-sdxl has 11 transformer layers
+# (down_blocks.1: 1, down_blocks.2: 2, mid: 2, up_blocks.0: 2 attentions x 2, up_blocks.1: 2 x 1),
+# tiny-sd15 has 7 (down_blocks.0 and .1: 1 each, mid: 1, up_blocks.1 and .2: 2 each).
+VARIANT_ATTENTIONS = {"tiny-sdxl": 22, "tiny-sd15": 14}
+
+
+def variant_unet(name: str) -> UNet2DConditionModel:
+    unet = tiny_variant_unet(name).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.1)
+    return unet
+
+
+def variant_inputs(unet, batch=2):
+    """(sample, timestep, context) and, for a text_time UNet, added_cond_kwargs: the pooled text
+    embedding and the six micro-conditioning ids (original size, crop corner, target size)."""
+    cfg = unet.config
+    args = (torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+            torch.randint(0, 1000, (batch,)), torch.randn(batch, 7, cfg.cross_attention_dim))
+    kwargs = {}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]).repeat(batch, 1)
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled), "time_ids": time_ids}
+    return args, kwargs
+
+
+def run_variant(unet, inputs, dtype=None):
+    args, kwargs = inputs
+    if dtype is not None:
+        args = [a.to(dtype) if a.is_floating_point() else a for a in args]
+        kwargs = {k: {n: t.to(dtype) for n, t in v.items()} for k, v in kwargs.items()}
+    with torch.no_grad():
+        return unet(*args, **kwargs).sample
+
+
+def dense_layers(model):
+    return {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and n}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_full_rank_reproduces_the_dense_unet(name):
+    dense = variant_unet(name)
+    ref64_model = copy.deepcopy(dense)
+    for p in ref64_model.parameters():
+        p.data = p.data.double()
+    inputs = variant_inputs(dense)
+    expected32, ref64 = run_variant(dense, inputs), run_variant(ref64_model, inputs, torch.float64)
+    layers = dense_layers(dense)
+    report = elr_ext.decompose(dense, rank_ratio=1.0, min_saving=None)
+    assert not report.kept_dense and set(low_rank_layers(dense)) == set(layers) == {l.name for l in report.layers}
+    assert max(layer.rel_error for layer in report.layers) < 1e-6
+    assert_close_to_ref(run_variant(dense, inputs), ref64, expected32, f"full-rank {name} UNet")
+    # the time embedding (and SDXL's added text_time embedding) are decomposed like any other linear
+    embeddings = ["time_embedding.linear_1", "time_embedding.linear_2"]
+    if name == "tiny-sdxl":
+        embeddings += ["add_embedding.linear_1", "add_embedding.linear_2"]
+    assert all(isinstance(dense.get_submodule(n), LowRankLinear) for n in embeddings)
+    proj = dense.get_submodule("down_blocks.1.attentions.0.proj_in")
+    assert isinstance(proj, LowRankConv2d if name == "tiny-sd15" else LowRankLinear)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_attention_processors_on_every_layer_match_diffusers(name):
+    unet = variant_unet(name)
+    report = elr_ext.decompose(unet)
+    attentions = {n: m for n, m in unet.named_modules() if isinstance(m, Attention)}
+    assert len(attentions) == VARIANT_ATTENTIONS[name] and not report.attention_skipped
+    assert sorted(report.attention_processors) == sorted(attentions)
+    assert all(isinstance(m.processor, LowRankAttnProcessor) for m in attentions.values())
+    assert all(isinstance(getattr(m, p), LowRankLinear)
+               for m in attentions.values() for p in ("to_q", "to_k", "to_v"))
+    if name == "tiny-sdxl":  # the second layer of the 2-layer blocks, self- and cross-attention
+        for block in ("down_blocks.2.attentions.0", "mid_block.attentions.0", "up_blocks.0.attentions.1"):
+            layer = f"{block}.transformer_blocks.1"
+            assert {f"{layer}.attn1", f"{layer}.attn2"} <= set(attentions)
+        assert attentions["mid_block.attentions.0.transformer_blocks.1.attn2"].to_k.in_features == 64
+    default = copy.deepcopy(unet)
+    default.set_attn_processor(AttnProcessor2_0())
+    inputs = variant_inputs(unet)
+    ours, theirs = run_variant(unet, inputs), run_variant(default, inputs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_parameter_counts_follow_from_the_shapes(name):
+    unet = variant_unet(name)
+    before = count(unet)
+    shapes = {n: (tuple(m.weight.shape), m.bias is not None) for n, m in dense_layers(unet).items()}
+    report = elr_ext.decompose(unet)
+    assert report.params_before == before and report.params_after == count(unet) < before
+    expected = before
+    for layer in report.layers:
+        shape, bias = shapes[layer.name]
+        assert layer.shape == shape
+        out, inp = shape[0], math.prod(shape[1:])
+        dense_params = out * inp + (out if bias else 0)
+        assert layer.params_before == dense_params
+        if layer.rank is None:
+            assert layer.params_after == dense_params and layer.reason
+            continue
+        assert layer.rank == max(1, math.floor(min(out, inp) / 3 + 0.5))
+        assert layer.params_after == layer.rank * (out + inp) + (out if bias else 0)
+        expected += layer.params_after - dense_params
+    assert report.params_after == expected
+    unet.train()  # every factor trains, the added embedding's included
+    args, kwargs = variant_inputs(unet)
+    unet(*args, **kwargs).sample.square().mean().backward()
+    for layer_name, module in low_rank_layers(unet).items():
+        assert module.down.grad is not None and module.down.grad.abs().sum() > 0, layer_name
+        assert module.up.grad is not None and module.up.grad.abs().sum() > 0, layer_name
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_save_and_load_round_trip_bit_for_bit(name, tmp_path):
+    unet = variant_unet(name)
+    report = elr_ext.decompose(unet, rank_ratio=0.25, split="balanced")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    elr_ext.save_decomposed(unet, str(tmp_path))
+    state = unet.state_dict()
+    inputs = variant_inputs(unet)
+    expected = run_variant(unet, inputs)
+    assert set(unet._elr_decompose_config["layers"]) == {l.name for l in report.decomposed}
+    for source in (tiny_variant_unet(name), None):  # a fresh dense model, or the stored diffusers config
+        loaded = elr_ext.load_decomposed(source, str(tmp_path)).eval()
+        assert count(loaded) == report.params_after
+        assert loaded._elr_decompose_config == unet._elr_decompose_config
+        loaded_state = loaded.state_dict()
+        assert set(loaded_state) == set(state) and all(torch.equal(loaded_state[k], v) for k, v in state.items())
+        attentions = [m for m in loaded.modules() if isinstance(m, Attention)]
+        assert len(attentions) == VARIANT_ATTENTIONS[name]
+        assert all(isinstance(m.processor, LowRankAttnProcessor) for m in attentions)
+        assert loaded.config.addition_embed_type == unet.config.addition_embed_type
+        assert torch.equal(run_variant(loaded, inputs), expected)

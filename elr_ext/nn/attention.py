@@ -7,6 +7,10 @@ AttnProcessor2_0 (spatial norm, 4-D input, attention mask, group norm, norm_cros
 residual connection, output rescaling) and runs F.scaled_dot_product_attention. The output
 projection is `attn.to_out[0]`, a LowRankLinear after elr_ext.decompose.
 
+Nothing here depends on the UNet's layout: the head count comes from `attn.heads` and the head size
+from the width of the k projection, so the processor serves SD 1.x, SD 2.x and SDXL attention alike
+(any context width, any number of transformer layers per block).
+
 Projections that are still dense nn.Linear (decompose keeps a layer dense where low rank would not
 save parameters) are called as they are, so any mix of low-rank and dense q/k/v works. The fused
 path reads the LowRankLinear parameters directly; forward hooks on to_q/to_k/to_v do not run.
