@@ -629,11 +629,14 @@ def plan_lines(rows: List[dict]) -> str:
             lines.append(f"{r['arm']:12s} not planned")
             continue
         flops = f"{r['flops'] / 1e12:.2f} TFLOP" + (f" ({r['flops'] / base['flops']:.3f}x)" if base else "")
-        split = ", ".join(f"{k} {v / 2 ** 30:.2f}" for k, v in r["peak"]["split"].items() if v >= 2 ** 26)
+        # GiB for the SD-sized steps, MiB for the tiny ones (whose parts are a few MiB each)
+        unit, scale = ("GiB", 2 ** 30) if r["peak"]["total"] >= 2 ** 30 else ("MiB", 2 ** 20)
+        split = ", ".join(f"{k} {v / scale:.2f}" for k, v in r["peak"]["split"].items() if v >= scale / 16)
         error = ""
         if r.get("plan_error") is not None:
-            error = f"; measured {r['measured_peak_bytes'] / 2 ** 30:.2f} GiB, plan error {r['plan_error'] * 100:+.1f} %"
-        lines.append(f"{r['arm']:12s} {flops}; peak in {r['peak']['phase']} ({split} GiB){error}; "
+            error = (f"; measured {r['measured_peak_bytes'] / scale:.2f} {unit}, "
+                     f"plan error {r['plan_error'] * 100:+.1f} %")
+        lines.append(f"{r['arm']:12s} {flops}; peak in {r['peak']['phase']} ({split} {unit}){error}; "
                      f"planned in {r['seconds_to_plan']:.0f} s")
     return "\n".join(lines)
 
