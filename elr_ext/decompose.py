@@ -69,7 +69,7 @@ from torch import nn
 from ._checks import check_choice, check_positive_int
 from .nn.attention import LowRankAttnProcessor
 from .nn.counting import count_parameters
-from .nn.lowrank import SPLITS, LowRankConv2d, LowRankLinear, split_factors, svd
+from .nn.lowrank import SPLITS, LowRankConv2d, LowRankLinear, svd
 
 DEFAULT_RANK_RATIO = 1 / 3
 CONFIG_ATTR = "_elr_decompose_config"
