@@ -86,6 +86,8 @@ def main(argv=None) -> dict:
     if config.plan:  # one step on tensors without data: memory, FLOPs, time on --plan-device; no training
         from elr_training.plan import run_plan
 
+        if __name__ == "__main__" and not os.environ.get(PLAN_CHILD):
+            plan_in_child(sys.argv[1:] if argv is None else argv)  # does not return
         result = run_plan(config, place_models)
         if __name__ == "__main__":
             end_after_plan()
@@ -383,6 +385,28 @@ def validate(stage, samples, step, log, config, accelerator) -> dict:
         accelerator.print(f"validation at step {step}: {summary_line(metrics)}")
     accelerator.wait_for_everyone()
     return metrics
+
+
+PLAN_CHILD = "ELR_PLAN_CHILD"  # set in the process plan_in_child runs
+PLAN_TRIES = 3
+
+
+def plan_in_child(argv) -> None:
+    """Run the plan in a child process of this script, again when it dies by SIGABRT or SIGSEGV
+    (torch 2.14.1's fake tensors sometimes corrupt the heap: docs/planning.md), up to PLAN_TRIES
+    times; exit with the child's status."""
+    import signal
+    import subprocess
+
+    env = dict(os.environ, **{PLAN_CHILD: "1"})
+    for attempt in range(1, PLAN_TRIES + 1):
+        code = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env).returncode
+        if code not in (-signal.SIGABRT, -signal.SIGSEGV):
+            sys.exit(code)
+        print(f"train.py --plan: the planning process died inside torch ({signal.Signals(-code).name}, try "
+              f"{attempt} of {PLAN_TRIES}; docs/planning.md){'; trying again' if attempt < PLAN_TRIES else ''}",
+              file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def end_after_plan() -> None:

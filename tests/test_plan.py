@@ -174,3 +174,27 @@ def test_tiny_sdxl_stage2_plan(tmp_path):
     plan = plan_of(tmp_path)["plan"]
     assert plan["fits"] is True and plan["flops"] > 0 and "peak memory" in done.stdout
     assert plan["peak"]["split"]["inputs"] < MIB
+
+
+def test_train_py_retries_a_plan_process_that_dies_inside_torch(monkeypatch, capsys):
+    """train.py --plan runs the plan in a child process: a child killed by SIGABRT / SIGSEGV is run
+    again (up to PLAN_TRIES), any other status is the script's."""
+    import signal
+    import subprocess as sp
+
+    sys.path.insert(0, os.path.join(REPO, "python"))
+    import train
+
+    for statuses, expected_exit, expected_runs in (([-signal.SIGABRT, -signal.SIGSEGV, 0], 0, 3),
+                                                   ([2], 2, 1), ([-signal.SIGSEGV] * 3, 1, 3)):
+        calls = []
+
+        def fake_run(cmd, env=None, statuses=statuses, calls=calls):
+            calls.append(env.get(train.PLAN_CHILD))
+            return sp.CompletedProcess(cmd, statuses[len(calls) - 1])
+
+        monkeypatch.setattr(sp, "run", fake_run)
+        with pytest.raises(SystemExit) as done:
+            train.plan_in_child(["--stage", "2", "--plan"])
+        assert done.value.code == expected_exit and len(calls) == expected_runs and set(calls) == {"1"}
+    assert "died inside torch (SIGSEGV, try 3 of 3" in capsys.readouterr().err
