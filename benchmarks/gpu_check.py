@@ -1,7 +1,8 @@
-"""One run that makes a short GPU loan count: correctness, determinism, speed and the dispatch table.
+"""One run that makes a short GPU loan count: correctness, determinism, speed, planner, dispatch table.
 
-    python benchmarks/gpu_check.py             # on one CUDA GPU: stages 1-6, inside 8 minutes on an H100/H200
-    python benchmarks/gpu_check.py --dry-run   # stages 1-3 on the CPU backends, small shapes (what CI runs)
+    python benchmarks/gpu_check.py                # one CUDA GPU: stages 1-7, inside 9 minutes on an H100/H200
+    python benchmarks/gpu_check.py --dry-run      # stages 1-3 on the CPU backends, small shapes (what CI runs)
+    python benchmarks/gpu_check.py --dry-run --stages 6   # the CPU planner against peak RSS, tiny shapes
 
 Stages (each in its own try/except: a failure is recorded in the JSON and the next stage runs):
   1 environment   versions, elr_ext.build_info(), the device's name, SMs, capability and measured copy
@@ -14,7 +15,15 @@ Stages (each in its own try/except: a failure is recorded in the JSON and the ne
                   against the copy bandwidth; the Kronecker and low-rank ops against the dense layer
                   (cuBLAS F.linear / cuDNN F.conv2d of the same base); the top kernels of a profiler trace
   5 triton        registers and spills of every Triton kernel as compiled for this card
-  6 dispatch      the GPU_DISPATCH table (elr_ext/backends.py) these numbers imply, printed
+  6 planner       elr_ext.plan's peak memory of benchmarks/train_step.py's Stage II step (the tiny config
+                  at batch 2, SD 2.1 at 512 px batch 1; the baseline and elr arms; bf16 autocast) for this
+                  card (its name mapped to an elr_ext.plan.DEVICES entry, recorded with how it matched)
+                  against torch.cuda.max_memory_allocated of the same step, and the relative error
+                  (planned - measured) / measured, recorded as it comes out. Plans and measurements run in
+                  fresh train_step.py processes, side by side (a process that planned can abort in
+                  torch's teardown: docs/planning.md); a plan killed by a signal is run again. With
+                  --dry-run: the CPU planner against peak RSS on tiny shapes.
+  7 dispatch      the GPU_DISPATCH table (elr_ext/backends.py) these numbers imply, printed
 
 Output: benchmarks/results/gpu_<card>.json, rewritten after every stage (and every few seconds inside
 the long ones) so that a run cut off still leaves its results, and gpu_<card>.md, a summary. With
@@ -22,10 +31,14 @@ the long ones) so that a run cut off still leaves its results, and gpu_<card>.md
 
 What it needs: elr_ext built (installed or in place) with the card's arch (sm_90 for an H100/H200:
 ELR_EXT_CUDA_ARCHS=9.0) against the Python and torch that run it, and triton for the triton backend;
-it compiles nothing but Triton's kernels. A backend that cannot run (a binary built for another torch
-or arch) is reported with its reason and the others still run. --budget (default 420 s from the
-start) bounds the run: past it the remaining cases of stages 2-4 are skipped and marked so (stage 2
-stops taking new cases at 45 % of it, stage 3 at 55 %, so that timing keeps its share).
+it compiles nothing but Triton's kernels; stage 6 needs diffusers (SD 2.1's UNet, random weights).
+A backend that cannot run (a binary built for another torch or arch) is reported with its reason and
+the others still run. --budget (default 520 s from the start) bounds the run: past it the remaining
+cases of stages 2-4 are skipped and marked so. When stage 6 runs, its last --plan-reserve seconds
+(100) are kept for it: stages 2-4 share the rest (stage 2 stops taking new cases at 45 % of it,
+stage 3 at 55 %, so that timing keeps its share), and stage 6 skips, with the reason, each check
+whose estimated time is more than what is left; a process still running at the end of the budget
+is killed and recorded so.
 """
 
 from __future__ import annotations
@@ -39,12 +52,15 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -393,19 +409,26 @@ def determinism_case(case: OpCase, backend: str, dtype: torch.dtype, device: tor
 
 # ------------------------------------------------------------------------------------- the report
 class Budget:
-    """Seconds since the start against --budget; a stage may stop taking new work at its share."""
+    """Seconds since the start against --budget; a stage may stop taking new work at its share.
+    `reserve`: the last seconds of the budget, kept for stage 6 (the planner check): the shares of
+    stages 2-4 are of `seconds - reserve`, and stage 6 may run to the end (`remaining()`)."""
 
-    def __init__(self, seconds: float):
-        self.seconds, self.start = seconds, time.monotonic()
+    def __init__(self, seconds: float, reserve: float = 0.0):
+        self.seconds, self.reserve, self.start = seconds, reserve, time.monotonic()
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
+    def remaining(self) -> float:
+        return self.seconds - self.elapsed()
+
     def spent(self, share: float = 1.0) -> bool:
-        return self.elapsed() >= share * self.seconds
+        return self.elapsed() >= share * (self.seconds - self.reserve)
 
     def reason(self, share: float = 1.0) -> str:
-        return f"skipped: time budget ({share * self.seconds:.0f} s of --budget {self.seconds:.0f} s) spent"
+        kept = f", the last {self.reserve:.0f} s kept for stage 6" if self.reserve else ""
+        return (f"skipped: time budget ({share * (self.seconds - self.reserve):.0f} s of --budget "
+                f"{self.seconds:.0f} s{kept}) spent")
 
 
 class Report:
@@ -759,6 +782,284 @@ def stage_triton(result: dict, device: torch.device) -> None:
               f"max spills {k.get('max_spills')}{' ' + k['unavailable'] if 'unavailable' in k else ''}", flush=True)
 
 
+# ------------------------------------------------------------- stage 6: the planner on this card
+TRAIN_STEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step.py")
+PLAN_TRIES = 3  # a process that plans can die in torch's teardown or mid-plan (docs/planning.md): try again
+PLAN_AUTOCAST = "bfloat16"  # the GPU checks' mixed precision; on the CPU both sides run fp32 (train_step.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanCheck:
+    """One configuration and arm of benchmarks/train_step.py, planned (`--job plan --simulate`) and
+    measured (`--job memory`), each in its own fresh process. estimate_s: the wall seconds the two
+    processes take side by side on the machine the list is meant for (a plan is 10-60 s of one core;
+    the measured process builds the backbone on the CPU, and a decomposed arm runs decompose's SVDs
+    there before the card sees a step)."""
+
+    config: str
+    batch: int
+    latent: int
+    arm: str
+    estimate_s: float
+
+    def where(self) -> dict:
+        return {"config": self.config, "batch": self.batch, "latent": self.latent, "arm": self.arm}
+
+
+# On a GPU: the tiny config and SD 2.1 at 512 px (latents 64), all run at once: the plans on CPU
+# cores, each measured process on the card with its own caching allocator (so its
+# max_memory_allocated is its own); together about 90 s, what --plan-reserve keeps.
+GPU_PLAN_CHECKS = (
+    PlanCheck("tiny", 2, 32, "baseline", 30), PlanCheck("tiny", 2, 32, "elr", 45),
+    PlanCheck("sd21", 1, 64, "baseline", 60), PlanCheck("sd21", 1, 64, "elr", 90),
+)
+# --dry-run --stages ...,6: the CPU planner against peak RSS, one arm (its two processes take about 20 s
+# side by side on two shared cores; latents 16 would take as long, with a peak too small to read off RSS)
+CPU_PLAN_CHECKS = (PlanCheck("tiny", 1, 32, "baseline", 30),)
+
+
+def _card_pattern(family: str):
+    """"rtx4090" finds "GeForce RTX 4090", "a100" finds "A100-SXM4-80GB"; "l4" does not find "L40S"."""
+    body = re.sub(r"([a-z])(\d)", r"\1[ -]?\2", family)
+    return re.compile(rf"(?<![a-z0-9]){body}(?![a-z0-9])")
+
+
+def plan_card(name: str, capability=None, total_memory_bytes: Optional[int] = None) -> dict:
+    """The elr_ext.plan.DEVICES card to plan for the CUDA device called `name`
+    (torch.cuda.get_device_name): the card family the name gives (H100, H200, A100, ...), and within
+    it the entry nearest the memory the name states ("80GB") or the device has. A name no entry
+    matches is recorded with match "unknown": planned as the entry nearest its compute capability
+    (which decides flash against memory-efficient attention) and memory, or, without a capability,
+    not planned (plan_device None, and why)."""
+    from elr_ext.plan import DEVICES
+
+    low = name.lower()
+    stated = re.search(r"(\d+)\s*gb\b", low)
+    memory = float(stated.group(1)) if stated else (total_memory_bytes / 2 ** 30 if total_memory_bytes else None)
+    out = {"name": name, "capability": list(capability) if capability else None,
+           "memory_gib": None if memory is None else round(memory, 1)}
+    families: Dict[str, list] = {}
+    for spec in DEVICES.values():
+        families.setdefault(spec.name.split("-")[0], []).append(spec)
+    for family, specs in families.items():
+        if not _card_pattern(family).search(low):
+            continue
+        spec = specs[0] if memory is None else min(specs, key=lambda s: abs(s.memory_gib - memory))
+        out.update(match="name", plan_device=spec.name, planned_as=spec.description)
+        if memory is None and len(specs) > 1:
+            out["note"] = (f"the card's memory is not known: planned as {spec.name} (the planned peak does not "
+                           "depend on the card's memory, only whether it fits)")
+        elif memory is not None and abs(spec.memory_gib - memory) > 0.1 * spec.memory_gib:
+            out["note"] = (f"this card has {memory:.0f} GiB, {spec.name} {spec.memory_gib:g}: the planned peak does "
+                           "not depend on the card's memory, only whether it fits")
+        return out
+    out["match"] = "unknown"
+    if capability is None:
+        out.update(plan_device=None, reason=f"no elr_ext.plan.DEVICES card matches {name!r}, and without its "
+                                            "compute capability there is no nearest one to plan for")
+        return out
+    level = capability[0] * 10 + capability[1]
+
+    def distance(spec):
+        major, minor = spec.compute_capability
+        return abs(major * 10 + minor - level), abs(spec.memory_gib - memory) if memory is not None else 0.0
+
+    spec = min(DEVICES.values(), key=distance)
+    out.update(plan_device=spec.name, planned_as=spec.description,
+               reason=f"no elr_ext.plan.DEVICES card matches {name!r}: planned as the nearest by compute "
+                      f"capability and memory, {spec.name} (sm_{spec.compute_capability[0]}"
+                      f"{spec.compute_capability[1]}, {spec.memory_gib:g} GiB)")
+    return out
+
+
+@dataclasses.dataclass
+class ChildJob:
+    """One fresh `python <args>` process of stage 6: `entry` indexes the stage's entries, `side` is
+    "plan" or "measured"; `tries`: how often a process killed by a signal is run again."""
+
+    entry: int
+    side: str
+    args: List[str]
+    env: Dict[str, str]
+    tries: int = 1
+
+
+def run_child_jobs(jobs: List[ChildJob], deadline: float) -> List[dict]:
+    """Run every job at once, each in a fresh process, until time.monotonic() reaches `deadline`
+    (a process still running then is killed). One outcome per job: {"result": the JSON object of its
+    last stdout line or None, "error", "tries", "seconds", "returncode"}."""
+    def one(job: ChildJob) -> dict:
+        outcome: dict = {"result": None, "tries": 0}
+        start = time.monotonic()
+        while outcome["tries"] < job.tries:
+            left = deadline - time.monotonic()
+            if left < 1:
+                outcome["error"] = outcome.get("error", "") + " (no time left in the budget for another try)" \
+                    if outcome["tries"] else "skipped: no time left in the budget"
+                break
+            outcome["tries"] += 1
+            try:
+                proc = subprocess.run([sys.executable] + job.args, env=job.env, capture_output=True, text=True,
+                                      timeout=left, check=False)
+            except subprocess.TimeoutExpired:
+                outcome["error"] = f"killed after {time.monotonic() - start:.0f} s: the time budget ran out"
+                break
+            outcome["returncode"] = proc.returncode
+            lines = proc.stdout.strip().splitlines()
+            if proc.returncode <= 0 and lines:  # killed after it printed its result (in teardown): the result holds
+                try:
+                    outcome["result"] = json.loads(lines[-1])
+                    outcome.pop("error", None)
+                    if proc.returncode:
+                        outcome["note"] = f"killed by {signal.Signals(-proc.returncode).name} after printing its result"
+                    break
+                except ValueError:
+                    pass
+            if proc.returncode < 0:
+                why = f"killed by {signal.Signals(-proc.returncode).name}"
+            else:
+                why = f"exit status {proc.returncode}" + ("" if proc.returncode else ", no JSON line on stdout")
+            outcome["error"] = f"{why}: {proc.stderr.strip()[-1500:]}"
+            if proc.returncode >= 0:  # a Python error or bad output: the same again on a retry
+                break
+        outcome["seconds"] = round(time.monotonic() - start, 2)
+        return outcome
+
+    if not jobs:
+        return []
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return list(pool.map(one, jobs))
+
+
+def child_threads(checks, decomposed_arms, gpu: bool, cpus: Optional[int] = None) -> Dict[tuple, int]:
+    """Intra-op threads per (check, side). On the CPU of a dry run one each (a shared 2-core machine:
+    a second thread waiting on a descheduled one makes a tiny step 100x slower). On a GPU machine the
+    plans run fake tensors (no arithmetic) and the tiny measured processes little: one each; the
+    SD-sized measured ones share the other cores, a decomposed arm (decompose's SVDs on the CPU)
+    twice the share."""
+    out = {(c, side): 1 for c in checks for side in ("plan", "measured")}
+    big = [c for c in checks if c.config != "tiny"]
+    if not gpu or not big:
+        return out
+    cpus = cpus or len(os.sched_getaffinity(0))
+    spare = max(len(big), cpus - 2 * len(checks) + len(big))
+    weights = {c: 2 if c.arm in decomposed_arms else 1 for c in big}
+    for c in big:
+        out[(c, "measured")] = max(1, spare * weights[c] // sum(weights.values()))
+    return out
+
+
+def _compare(entry: dict, plan: Optional[dict], measured: Optional[dict]) -> None:
+    """The planned and measured peaks of one entry and the relative error, both without the batch:
+    the measured peak is over what the process held before the build (the inputs), so the plan's
+    inputs are taken off its peak."""
+    if plan:
+        peak = plan.get("peak") or {}
+        split = peak.get("split") or {}
+        entry.update(plan_peak_bytes=plan["peak_memory_bytes"], plan_inputs_bytes=split.get("inputs", 0),
+                     planned_bytes=plan["peak_memory_bytes"] - split.get("inputs", 0), plan_split=split,
+                     plan_phase=peak.get("phase"), plan_where=peak.get("where"), plan_op=peak.get("op"),
+                     plan_fits=plan.get("fits"), seconds_to_plan=plan.get("seconds_to_plan"))
+    if measured:
+        entry.update(measured_bytes=measured["peak_memory_bytes"],
+                     measured_total_bytes=measured.get("peak_total_bytes"))
+    if plan and measured:
+        keys = ("trainable_params", "total_params")
+        entry["same_model"] = all(plan.get(k) == measured.get(k) for k in keys)
+        if entry["measured_bytes"] > 0:
+            entry["error"] = (entry["planned_bytes"] - entry["measured_bytes"]) / entry["measured_bytes"]
+        else:
+            entry["failed"]["measured"] = f"measured peak {entry['measured_bytes']} bytes: nothing to compare"
+    entry["status"] = "ok" if entry.get("error") is not None else "error"
+    if not entry.get("failed"):
+        entry.pop("failed", None)
+
+
+def stage_planner(result: dict, report: Report, device: torch.device, budget: Budget, checks=None,
+                  runner: Optional[Callable] = None) -> None:
+    """elr_ext.plan's peak for this card against the measured one, per configuration and arm of
+    benchmarks/train_step.py: the plan in a fresh process (`--job plan --simulate --plan-device
+    <card>`, run again when torch kills it), the step measured in another (`--job memory`: on CUDA
+    torch.cuda.max_memory_allocated, on the CPU peak RSS, over what the inputs took)."""
+    import train_step  # the arms and the configurations; if it cannot be imported, this stage alone fails
+
+    gpu = device.type == "cuda"
+    if gpu:
+        card = plan_card(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device),
+                         torch.cuda.get_device_properties(device).total_memory)
+    else:
+        card = {"name": harness.device_name(device), "match": "cpu", "plan_device": "cpu"}
+    checks = list(checks or (GPU_PLAN_CHECKS if gpu else CPU_PLAN_CHECKS))
+    autocast = PLAN_AUTOCAST if gpu else None
+    result.update(card=card, autocast=autocast,
+                  measured_by="torch.cuda.max_memory_allocated over the measured steps minus what the process "
+                  "held before the build" if gpu else "peak RSS over the measured steps minus the RSS before the "
+                  "build (fixed mmap threshold)",
+                  error_is="(planned - measured) / measured; planned = the plan's peak minus its inputs")
+    entries = result.setdefault("entries", [])
+    skipped = result.setdefault("skipped", [])
+    print(f"   {card['name']}: planned as {card['plan_device']} ({card['match']})"
+          + (f"; {card['reason']}" if card.get("reason") else ""), flush=True)
+    if card["plan_device"] is None:
+        skipped += [{**c.where(), "reason": f"skipped: {card['reason']}"} for c in checks]
+        return
+    chosen = []
+    for c in checks:
+        left = budget.remaining()
+        if c.arm not in train_step.ARMS:
+            skipped.append({**c.where(), "reason": f"skipped: {c.arm!r} is not an arm of train_step.py"})
+        elif left < c.estimate_s:
+            skipped.append({**c.where(), "reason": f"skipped: time budget: {max(0.0, left):.0f} s of --budget "
+                            f"{budget.seconds:.0f} s left, this check takes about {c.estimate_s:.0f} s"})
+        else:
+            chosen.append(c)
+    for s in skipped:
+        print(f"   {s['config']} b{s['batch']} s{s['latent']} {s['arm']}: {s['reason']}", flush=True)
+    if not chosen:
+        return
+    threads = child_threads(chosen, {a for a, arm in train_step.ARMS.items() if arm.decomposed}, gpu)
+    steps = ["--warmup", "1", "--steps", "2" if gpu else "1"]  # the first step makes the optimizer's state
+    jobs = []
+    for c in chosen:
+        cfg = train_step.StepConfig(c.config, c.batch, c.latent)
+        entries.append({**c.where(), "description": cfg.describe(), "plan_device": card["plan_device"],
+                        "autocast": autocast, "status": "running", "failed": {}})
+        shape = ["--config", c.config, "--batch", str(c.batch), "--latent", str(c.latent)] \
+            + (["--dtype", autocast] if autocast else [])
+        for side, args, extra, tries in (
+                ("plan", ["--job", "plan", "--simulate", "--plan-device", card["plan_device"]], {}, PLAN_TRIES),
+                ("measured", ["--job", "memory", "--device", device.type] + steps,
+                 {harness._MMAP_ENV: "65536"}, 1)):  # the mmap threshold of train_step.py's memory runs
+            n = str(threads[(c, side)])
+            env = dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, **extra)
+            jobs.append(ChildJob(len(entries) - 1, side, [TRAIN_STEP, "--child", c.arm] + args + shape, env, tries))
+    report.checkpoint(0)
+    if gpu:
+        torch.cuda.empty_cache()  # what stages 2-4 left cached goes back to the card for the measured processes
+    outcomes = (runner or run_child_jobs)(jobs, time.monotonic() + budget.remaining())
+    got: Dict[tuple, dict] = {}
+    for job, outcome in zip(jobs, outcomes, strict=True):
+        entry = entries[job.entry]
+        entry[f"{job.side}_process"] = {k: v for k, v in outcome.items() if k not in ("result", "error")}
+        if outcome.get("result") is not None:
+            got[(job.entry, job.side)] = outcome["result"]
+        else:
+            entry["failed"][job.side] = outcome.get("error") or "no result"
+    for i, entry in enumerate(entries):
+        _compare(entry, got.get((i, "plan")), got.get((i, "measured")))
+        mib = 2 ** 20
+        line = f"   {entry['config']} b{entry['batch']} s{entry['latent']} {entry['arm']}: "
+        if entry["status"] == "ok":
+            line += (f"planned {entry['planned_bytes'] / mib:.1f} MiB, measured {entry['measured_bytes'] / mib:.1f} "
+                     f"MiB, error {entry['error'] * 100:+.1f} %")
+        else:
+            line += "; ".join(f"{side} failed: {why[:300]}" for side, why in entry.get("failed", {}).items())
+        print(line, flush=True)
+    errors = [e["error"] for e in entries if e["status"] == "ok"]
+    result["summary"] = {"compared": len(errors), "failed": len(entries) - len(errors), "skipped": len(skipped),
+                         "error_min": min(errors, default=None), "error_max": max(errors, default=None)}
+
+
 def correctness_table(entries) -> dict:
     """{(op, backend, dtype): False when a check failed or errored, True when none did and at least one
     call really ran on that backend, None when every call fell back to another backend}."""
@@ -962,10 +1263,43 @@ def markdown(data: dict) -> str:
         for k in tri.get("kernels", []):
             lines.append(f"- {k['kernel']}: {len(k.get('compiled', []))} compiled, max regs {k.get('max_regs')}, "
                          f"max spills {k.get('max_spills')}" + (f" ({k['unavailable']})" if "unavailable" in k else ""))
+    planner = stages.get("planner", {}).get("result", {})
+    if planner:
+        lines += ["", "## 6. Planner against the measured peak", ""] + planner_lines(planner)
     disp = stages.get("dispatch", {}).get("result", {})
     if disp.get("literal"):
-        lines += ["", "## 6. Dispatch table implied", "", "```python", disp["literal"], "```"]
+        lines += ["", "## 7. Dispatch table implied", "", "```python", disp["literal"], "```"]
     return "\n".join(lines) + "\n"
+
+
+def planner_lines(res: dict) -> List[str]:
+    card = res.get("card", {})
+    lines = [f"{card.get('name')}: planned as `{card.get('plan_device')}` (match: {card.get('match')})"
+             + (f"; {card['reason']}" if card.get("reason") else "") + (f"; {card['note']}" if card.get("note") else "")
+             + f". Autocast {res.get('autocast') or 'off (fp32)'}; measured: {res.get('measured_by')}; "
+             f"error = {res.get('error_is')}.", ""]
+    entries = res.get("entries", [])
+    if entries:
+        lines += ["| configuration | arm | planned MiB | measured MiB | error | planned peak in "
+                  "| planned split (MiB) |", "|---|---|---|---|---|---|---|"]
+    for e in entries:
+        def mib(key, e=e):
+            return "-" if e.get(key) is None else f"{e[key] / 2 ** 20:.1f}"
+
+        error = "-" if e.get("error") is None else f"{e['error'] * 100:+.1f} %"
+        split = ", ".join(f"{k} {v / 2 ** 20:.1f}" for k, v in (e.get("plan_split") or {}).items() if v)
+        where = " ".join(str(e[k]) for k in ("plan_phase", "plan_where", "plan_op") if e.get(k))
+        lines.append(f"| {e['config']} b{e['batch']} {e['latent']}x{e['latent']} | {e['arm']} | {mib('planned_bytes')} "
+                     f"| {mib('measured_bytes')} | {error} | {where or '-'} | {split or '-'} |")
+    for e in entries:
+        for side, why in (e.get("failed") or {}).items():
+            lines.append(f"- {e['config']} b{e['batch']} s{e['latent']} {e['arm']}: {side} failed: `{why[-300:]}`")
+        if e.get("same_model") is False:
+            lines.append(f"- {e['config']} b{e['batch']} s{e['latent']} {e['arm']}: the planned and measured "
+                         "parameter counts differ")
+    for s in res.get("skipped", []):
+        lines.append(f"- {s['config']} b{s['batch']} s{s['latent']} {s['arm']}: {s['reason']}")
+    return lines
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -974,10 +1308,13 @@ def parse_args(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="stages 1-3 on the CPU backends, small shapes")
     parser.add_argument("--out", default=None, help="folder of the JSON and .md (default: benchmarks/results; "
                         "with --dry-run a fresh temporary folder)")
-    parser.add_argument("--budget", type=float, default=420.0, help="seconds from the start after which the "
+    parser.add_argument("--budget", type=float, default=520.0, help="seconds from the start after which the "
                         "remaining cases are skipped and marked so")
+    parser.add_argument("--plan-reserve", type=float, default=100.0, help="the last seconds of --budget kept for "
+                        "stage 6 when it runs: stages 2-4 stop taking cases at --budget minus this")
     parser.add_argument("--stages", default=None,
-                        help="comma-separated stage numbers (default: 1-6; 1-3 with --dry-run)")
+                        help="comma-separated stage numbers (default: 1-7; 1-3 with --dry-run, where 6 adds the "
+                        "planner check on the CPU, about 30 s more)")
     parser.add_argument("--only", default=None, metavar="REGEX", help="only the cases whose 'op label' matches")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=None, help="timing samples per arm (default 7; 3 on the CPU)")
@@ -986,12 +1323,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    budget = Budget(args.budget)
+    stages = {int(s) for s in (args.stages or ("1,2,3" if args.dry_run else "1,2,3,4,5,6,7")).split(",")}
+    budget = Budget(args.budget, args.plan_reserve if 6 in stages else 0.0)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; --dry-run runs stages 1-3 on the CPU backends", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.dry_run else "cuda")
-    stages = {int(s) for s in (args.stages or ("1,2,3" if args.dry_run else "1,2,3,4,5,6")).split(",")}
     if args.dry_run:
         # the shapes are tiny: a second thread only adds the parallel regions' hand-offs (3x the wall
         # time on a shared 2-core machine)
@@ -1015,7 +1352,8 @@ def main(argv=None) -> int:
     report = Report(os.path.join(out, f"gpu_{card}.json"), {
         "script": "benchmarks/gpu_check.py", "command": " ".join(["python benchmarks/gpu_check.py"] + sys.argv[1:]),
         "card": harness.device_name(device), "device_type": device.type, "dry_run": args.dry_run,
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": args.budget, "seed": args.seed,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": args.budget, "reserve_s": budget.reserve,
+        "stages_run": sorted(stages), "seed": args.seed,
         "backends": backends_, "dtypes": dtype_names, "cases": len(cases), "stages": {},
     })
     report.save()
@@ -1044,8 +1382,10 @@ def main(argv=None) -> int:
     if 5 in stages:
         run_stage(report, 5, "triton", lambda r: stage_triton(r, device))
     if 6 in stages:
+        run_stage(report, 6, "planner", lambda r: stage_planner(r, report, device, budget))
+    if 7 in stages:
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
-        run_stage(report, 6, "dispatch", lambda r: stage_dispatch(r, report.data, dtype_names, capability))
+        run_stage(report, 7, "dispatch", lambda r: stage_dispatch(r, report.data, dtype_names, capability))
     report.data["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     report.data["seconds"] = round(budget.elapsed(), 2)
     report.save()

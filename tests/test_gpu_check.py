@@ -1,7 +1,9 @@
 """benchmarks/gpu_check.py, the one script a short GPU loan runs: its --dry-run on the CPU backends
 (stages 1-3 end to end, in a subprocess as CI runs it), a failing stage or case recorded without
 stopping the run, the time budget, the timing and profiler stage on tiny CPU cases, the reading of
-Triton's compiled-kernel caches, and the stage-6 choice of the dispatch table."""
+Triton's compiled-kernel caches, stage 6's planner against the measured peak (the CPU planner end to
+end; the card-name mapping, the child processes, failures and the budget on fakes) and the stage-7
+choice of the dispatch table."""
 
 from __future__ import annotations
 
@@ -273,3 +275,224 @@ def test_without_a_gpu_the_full_run_refuses_and_points_to_the_dry_run(capsys, tm
     assert gpu_check.main(["--out", str(tmp_path)]) == 2
     assert "--dry-run" in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+# ------------------------------------------------------------------------------ stage 6: the planner
+def test_plan_card_maps_cuda_device_names_to_plan_devices():
+    from elr_ext.plan import DEVICES
+
+    gib = 2 ** 30
+    for name, props, key in (
+            ("NVIDIA H100 80GB HBM3", ((9, 0), 79.1 * gib), "h100-80gb"),
+            ("NVIDIA H100 80GB HBM3", (None, None), "h100-80gb"),
+            ("NVIDIA H200", ((9, 0), 139.8 * gib), "h200-141gb"),
+            ("NVIDIA H200", (None, None), "h200-141gb"),
+            ("NVIDIA A100-SXM4-40GB", ((8, 0), 39.4 * gib), "a100-40gb"),
+            ("NVIDIA A100 80GB PCIe", ((8, 0), 79.2 * gib), "a100-80gb"),
+            ("NVIDIA A100-SXM4", ((8, 0), 79.2 * gib), "a100-80gb"),  # the memory the device has decides
+            ("Tesla V100-SXM2-16GB", ((7, 0), 15.8 * gib), "v100-16gb"),
+            ("Tesla T4", ((7, 5), 14.6 * gib), "t4-16gb"),
+            ("NVIDIA L4", ((8, 9), 22.0 * gib), "l4-24gb"),
+            ("NVIDIA GeForce RTX 4090", ((8, 9), 23.6 * gib), "rtx4090-24gb"),
+            ("NVIDIA GeForce RTX 3090", ((8, 6), 23.7 * gib), "rtx3090-24gb")):
+        card = gpu_check.plan_card(name, *props)
+        assert (card["plan_device"], card["match"]) == (key, "name"), (name, card)
+        assert card["plan_device"] in DEVICES and "reason" not in card
+    nvl = gpu_check.plan_card("NVIDIA H100 NVL", (9, 0), 93.1 * gib)  # no 94 GB entry: the family's, and a note
+    assert nvl["plan_device"] == "h100-80gb" and "93 GiB" in nvl["note"]
+
+    unknown = gpu_check.plan_card("NVIDIA L40S")  # "l4" is not "L40S"
+    assert unknown["match"] == "unknown" and unknown["plan_device"] is None and "L40S" in unknown["reason"]
+    nearest = gpu_check.plan_card("NVIDIA B200", (10, 0), 178 * gib)
+    assert nearest["match"] == "unknown" and nearest["plan_device"] == "h200-141gb"
+    assert "nearest" in nearest["reason"] and "B200" in nearest["reason"]
+    assert gpu_check.plan_card("NVIDIA GH200 480GB", (9, 0))["match"] == "unknown"
+
+
+def _plan_json(arm, total, inputs, params=(10, 100)):
+    split = {"weights": total // 2, "optimizer state": total // 4, "activations": total - total // 2 - total // 4
+             - inputs, "inputs": inputs}
+    return {"arm": arm, "job": "plan", "peak_memory_bytes": total, "flops": 1.0, "seconds_per_iteration": None,
+            "peak": {"total": total, "split": split, "phase": "forward", "where": "unet.mid_block", "op": "conv"},
+            "fits": None, "trainable_params": params[0], "total_params": params[1], "seconds_to_plan": 1.5}
+
+
+def _measured_json(arm, peak, params=(10, 100)):
+    return {"arm": arm, "job": "memory", "peak_memory_bytes": peak, "peak_total_bytes": peak + 12345,
+            "trainable_params": params[0], "total_params": params[1]}
+
+
+def test_planner_stage_records_planned_measured_and_error_for_each_entry(tmp_path):
+    checks = [gpu_check.PlanCheck("tiny", 1, 32, "baseline", 1), gpu_check.PlanCheck("tiny", 1, 32, "elr", 1),
+              gpu_check.PlanCheck("tiny", 2, 32, "kron", 1)]
+    calls = []
+
+    def runner(jobs, deadline):
+        calls.append((jobs, deadline))
+        out = []
+        for job in jobs:
+            arm = job.args[job.args.index("--child") + 1]
+            if (arm, job.side) == ("elr", "plan"):  # torch killed the plan every time
+                out.append({"result": None, "tries": 3, "seconds": 1.0, "returncode": -6,
+                            "error": "killed by SIGABRT: corrupted double-linked list"})
+            elif job.side == "plan":
+                out.append({"result": _plan_json(arm, 1100 * 2 ** 10, 100 * 2 ** 10), "tries": 1, "seconds": 2.0})
+            else:
+                out.append({"result": _measured_json(arm, 800 * 2 ** 10, (10, 100) if arm == "baseline" else
+                                                     (11, 100)), "tries": 1, "seconds": 3.0})
+        return out
+
+    report = gpu_check.Report(str(tmp_path / "gpu_x.json"), {"stages": {}})
+    result: dict = {}
+    budget = gpu_check.Budget(600)
+    gpu_check.stage_planner(result, report, torch.device("cpu"), budget, checks, runner)
+    (jobs, deadline), = calls
+    assert deadline == pytest.approx(budget.start + 600, abs=1)  # the processes may run to the end of the budget
+    assert [(j.entry, j.side) for j in jobs] == [(i, s) for i in range(3) for s in ("plan", "measured")]
+    for job in jobs:
+        assert job.args[0] == gpu_check.TRAIN_STEP and job.env["OMP_NUM_THREADS"] == "1"
+        assert job.args[job.args.index("--config") + 1] == "tiny" and "--dtype" not in job.args  # fp32 on the CPU
+        if job.side == "plan":
+            assert {"--simulate", "--job", "plan"} <= set(job.args) and job.tries == gpu_check.PLAN_TRIES
+            assert job.args[job.args.index("--plan-device") + 1] == "cpu"
+        else:
+            assert job.args[job.args.index("--job") + 1] == "memory" and job.tries == 1
+            assert job.args[job.args.index("--device") + 1] == "cpu"
+            assert job.env[gpu_check.harness._MMAP_ENV] == "65536"
+    assert result["card"]["plan_device"] == "cpu" and result["autocast"] is None
+    base, elr, kron = result["entries"]
+    for e in (base, kron):
+        assert e["status"] == "ok" and e["plan_device"] == "cpu"
+        assert e["plan_peak_bytes"] == 1100 * 2 ** 10 and e["plan_inputs_bytes"] == 100 * 2 ** 10
+        assert e["planned_bytes"] == 1000 * 2 ** 10 and e["measured_bytes"] == 800 * 2 ** 10
+        assert e["error"] == pytest.approx(0.25)  # (planned - measured) / measured, the inputs off the plan
+        assert e["plan_split"]["weights"] > 0 and e["plan_phase"] == "forward" and "failed" not in e
+    assert base["same_model"] and not kron["same_model"]
+    assert elr["status"] == "error" and "error" not in elr and "SIGABRT" in elr["failed"]["plan"]
+    assert elr["measured_bytes"] == 800 * 2 ** 10 and elr["plan_process"]["tries"] == 3
+    assert result["summary"] == {"compared": 2, "failed": 1, "skipped": 0, "error_min": pytest.approx(0.25),
+                                 "error_max": pytest.approx(0.25)}
+    summary = gpu_check.markdown({"stages": {"planner": {"stage": 6, "status": "ok", "result": result}}})
+    assert "## 6. Planner against the measured peak" in summary
+    assert "| tiny b1 32x32 | baseline | 1.0 | 0.8 | +25.0 % |" in summary
+    assert "tiny b1 s32 elr: plan failed: `killed by SIGABRT" in summary
+    assert "tiny b2 s32 kron: the planned and measured parameter counts differ" in summary
+
+
+def test_planner_stage_on_a_gpu_plans_for_the_card_present(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(total_memory=79 * 2 ** 30))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    seen = []
+
+    def runner(jobs, deadline):
+        seen.extend(jobs)
+        return [{"result": None, "tries": 1, "seconds": 0.1, "error": "exit status 1: boom"} for _ in jobs]
+
+    result: dict = {}
+    report = gpu_check.Report(str(tmp_path / "gpu_x.json"), {"stages": {}})
+    gpu_check.stage_planner(result, report, torch.device("cuda"), gpu_check.Budget(600), None, runner)
+    assert result["card"]["plan_device"] == "h100-80gb" and result["autocast"] == "bfloat16"
+    assert {(e["config"], e["arm"]) for e in result["entries"]} == {
+        (c.config, c.arm) for c in gpu_check.GPU_PLAN_CHECKS} >= {("sd21", "baseline"), ("sd21", "elr")}
+    assert all(e["status"] == "error" and set(e["failed"]) == {"plan", "measured"} for e in result["entries"])
+    for job in seen:
+        assert job.args[job.args.index("--dtype") + 1] == "bfloat16"
+        if job.side == "plan":
+            assert job.args[job.args.index("--plan-device") + 1] == "h100-80gb"
+        else:
+            assert job.args[job.args.index("--device") + 1] == "cuda"
+    threads = {(j.args[j.args.index("--config") + 1], j.args[j.args.index("--child") + 1], j.side):
+               int(j.env["OMP_NUM_THREADS"]) for j in seen}
+    assert threads[("sd21", "elr", "measured")] >= threads[("sd21", "baseline", "measured")] >= 1
+    assert threads[("sd21", "elr", "plan")] == 1
+
+
+def test_planner_stage_skips_what_the_budget_cannot_hold(tmp_path):
+    def runner(jobs, deadline):
+        raise AssertionError("no process may start")
+
+    report = gpu_check.Report(str(tmp_path / "gpu_x.json"), {"stages": {}})
+    result: dict = {}
+    gpu_check.stage_planner(result, report, torch.device("cpu"), gpu_check.Budget(0), None, runner)
+    assert result["entries"] == [] and len(result["skipped"]) == len(gpu_check.CPU_PLAN_CHECKS)
+    assert all("time budget" in s["reason"] for s in result["skipped"])
+
+    checks = [gpu_check.PlanCheck("tiny", 1, 32, "baseline", 5), gpu_check.PlanCheck("sd21", 1, 64, "elr", 10 ** 6)]
+    started = []
+    result = {}
+    gpu_check.stage_planner(result, report, torch.device("cpu"), gpu_check.Budget(600), checks,
+                            lambda jobs, deadline: started.extend(jobs) or [{"result": None, "error": "x"}] * len(jobs))
+    assert [e["config"] for e in result["entries"]] == ["tiny"] and {j.entry for j in started} == {0}
+    (skip,) = result["skipped"]
+    assert skip["config"] == "sd21" and "takes about 1000000 s" in skip["reason"]
+    # the reserve keeps the end of the budget for stage 6: stages 2-4 see it spent, stage 6 does not
+    budget = gpu_check.Budget(600, reserve=600)
+    assert budget.spent() and budget.spent(0.45) and budget.remaining() > 500 and "kept for stage 6" in budget.reason()
+
+
+def test_a_failing_planner_stage_is_recorded_and_the_later_stages_run(tmp_path, monkeypatch):
+    def broken(jobs, deadline):
+        raise RuntimeError("the runner broke")
+
+    monkeypatch.setattr(gpu_check, "run_child_jobs", broken)
+    monkeypatch.setattr(gpu_check, "stage_dispatch", lambda result, *args: result.update(ran=True))
+    threads = torch.get_num_threads()
+    try:
+        assert gpu_check.main(["--dry-run", "--stages", "6,7", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the dry run sets one thread
+    with open(tmp_path / "gpu_dryrun_cpu.json") as f:
+        data = json.load(f)
+    planner, dispatch = data["stages"]["planner"], data["stages"]["dispatch"]
+    assert (planner["stage"], dispatch["stage"]) == (6, 7)
+    assert planner["status"] == "error" and "the runner broke" in planner["error"]
+    assert planner["result"]["card"]["plan_device"] == "cpu"  # what it had done is kept
+    assert dispatch["status"] == "ok" and dispatch["result"] == {"ran": True}
+    assert "stage 6 (planner) failed" in (tmp_path / "gpu_dryrun_cpu.md").read_text()
+
+
+def test_child_jobs_run_side_by_side_retry_a_signal_and_stop_at_the_deadline(tmp_path):
+    marker = tmp_path / "tried"
+    abort_once = (f"import os, signal, pathlib, json; p = pathlib.Path({str(marker)!r})\n"
+                  "if not p.exists(): p.write_text('1'); os.kill(os.getpid(), signal.SIGABRT)\n"
+                  "print('noise'); print(json.dumps({'ok': 2}))")
+    jobs = [gpu_check.ChildJob(0, "plan", ["-c", abort_once], dict(os.environ), tries=3),
+            gpu_check.ChildJob(1, "plan", ["-c", "import sys; sys.exit('bad input')"], dict(os.environ), tries=3),
+            gpu_check.ChildJob(2, "measured", ["-c", "import time; time.sleep(60)"], dict(os.environ)),
+            gpu_check.ChildJob(3, "measured", ["-c", "print('no json')"], dict(os.environ))]
+    start = gpu_check.time.monotonic()
+    retried, failed, slow, garbled = gpu_check.run_child_jobs(jobs, start + 4)
+    assert gpu_check.time.monotonic() - start < 15  # side by side: the sleeper killed at the deadline
+    assert retried["result"] == {"ok": 2} and retried["tries"] == 2 and "error" not in retried
+    assert failed["result"] is None and failed["tries"] == 1 and "exit status 1: bad input" in failed["error"]
+    assert slow["result"] is None and "time budget ran out" in slow["error"]
+    assert garbled["result"] is None and "no JSON line" in garbled["error"]
+
+
+@pytest.mark.slow
+def test_dry_run_planner_stage_compares_the_cpu_plan_with_the_measured_peak(tmp_path):
+    """Stage 6 end to end on the CPU: train_step.py's plan and memory processes for real (about 25 s)."""
+    env = {k: v for k, v in os.environ.items() if k != "ELR_EXT_BACKEND"}
+    command = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--dry-run", "--stages", "6",
+               "--out", str(tmp_path)]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "gpu_dryrun_cpu.json") as f:
+        data = json.load(f)
+    assert list(data["stages"]) == ["planner"]
+    stage = data["stages"]["planner"]
+    assert stage["status"] == "ok", (stage.get("error"), stage.get("traceback"))
+    res = stage["result"]
+    assert res["card"]["match"] == "cpu" and not res["skipped"]
+    assert len(res["entries"]) == len(gpu_check.CPU_PLAN_CHECKS)
+    for e in res["entries"]:
+        assert e["status"] == "ok", e
+        assert e["planned_bytes"] > 0 and e["measured_bytes"] > 0 and e["same_model"]
+        assert e["planned_bytes"] == e["plan_peak_bytes"] - e["plan_inputs_bytes"]
+        assert e["error"] == pytest.approx((e["planned_bytes"] - e["measured_bytes"]) / e["measured_bytes"])
+        assert e["plan_split"]["weights"] > 0 and e["plan_split"]["optimizer state"] > 0
+        assert abs(e["error"]) < 1.0  # recorded as it is; only a wildly wrong number fails here
+    assert "## 6. Planner against the measured peak" in (tmp_path / "gpu_dryrun_cpu.md").read_text()
