@@ -47,3 +47,12 @@ def check_fdn_on_empty_groups(backend, case, dtype, activation, eps, context=con
     assert dz.shape == z.shape
     for g in (dgamma, dbeta):
         assert g.shape == gamma.shape and g.dtype == dtype and torch.count_nonzero(g) == 0
+
+
+def perturb_zero_inits(adapter, scale: float = 0.05) -> None:
+    """Give a LocalControlAdapter's zero-initialised trainable tensors (zero convs, the Kronecker U
+    factors) small random values, so that its output depends on every trainable parameter."""
+    with torch.no_grad():
+        for _, p in adapter.named_trainable_parameters():
+            if not p.any():
+                p.normal_(0, scale)

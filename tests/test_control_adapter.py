@@ -14,6 +14,7 @@ import elr_ext  # noqa: E402
 from elr_ext import tiny  # noqa: E402
 from elr_ext.nn.control_adapter import FDNResnetBlock, LocalControlAdapter  # noqa: E402
 from elr_ext.nn.kron_lora import kronecker_splits  # noqa: E402
+from helpers import perturb_zero_inits  # noqa: E402
 
 TERMS, RANK = 4, 8
 CHANNELS = [1, 3]  # an edge map and an RGB segmentation map
@@ -45,15 +46,6 @@ def expected_trainable(name: str, mode: str) -> bool:
         return True
     return (name.rsplit(".", 1)[-1] in ("A", "U", "V") or ".fdn1." in name or ".fdn2." in name
             or name.startswith(("feature_extractor.", "down_zero_convs.", "mid_zero_conv.")))
-
-
-def perturb_zero_inits(adapter: LocalControlAdapter, scale: float = 0.05) -> None:
-    """Give the zero-initialised tensors (zero convs, the Kronecker U factors) small random values, so
-    the adapter's output depends on every trainable parameter."""
-    with torch.no_grad():
-        for name, p in adapter.named_trainable_parameters():
-            if not p.any():
-                p.normal_(0, scale)
 
 
 @pytest.mark.parametrize("mode", ["kron", "full"])

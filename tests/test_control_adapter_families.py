@@ -14,6 +14,7 @@ import elr_ext  # noqa: E402
 from elr_ext import tiny  # noqa: E402
 from elr_ext.nn.control_adapter import LocalControlAdapter  # noqa: E402
 from elr_ext.nn.kron_lora import KronLoRALinear  # noqa: E402
+from helpers import perturb_zero_inits  # noqa: E402
 
 VARIANTS = ["tiny-sd15", "tiny-sdxl"]
 CHANNELS = [1, 3]
@@ -84,10 +85,7 @@ def test_one_step_trains_exactly_the_trainable_parameters(variant, mode):
     name, unet = variant
     adapter = LocalControlAdapter.from_unet(unet, condition_channels=CHANNELS, adapter=mode,
                                             latent_factor=LATENT_FACTOR)
-    with torch.no_grad():  # zero inits given values, so every trainable tensor gets a gradient
-        for _, p in adapter.named_trainable_parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
+    perturb_zero_inits(adapter)  # so that every trainable tensor gets a gradient
     before = {n: p.detach().clone() for n, p in adapter.named_parameters()}
     x, added = inputs(unet)
     down, mid = adapter(**x, added_cond_kwargs=added)

@@ -16,17 +16,11 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPi
 from elr_ext import tiny  # noqa: E402
 from elr_ext.nn.control_adapter import LocalControlAdapter  # noqa: E402
 from elr_ext.pipelines import ELRControlPipeline, ELRControlXLPipeline, control_pipeline_class  # noqa: E402
+from helpers import perturb_zero_inits  # noqa: E402
 
 PROMPTS = ["a red circle and a blue square on a gray background", "two green lines"]
 STEPS = 2
 SIZE = 32  # tiny_vae's factor 2 x the UNet's sample_size 16
-
-
-def perturb_zero_inits(adapter, scale=0.05):
-    with torch.no_grad():
-        for _, p in adapter.named_trainable_parameters():
-            if not p.any():
-                p.normal_(0, scale)
 
 
 def ddim():
