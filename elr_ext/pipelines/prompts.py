@@ -35,9 +35,6 @@ class TextStates:
         pooled = None if self.pooled is None else self.pooled.repeat_interleave(n, dim=0)
         return TextStates(self.states.repeat_interleave(n, dim=0), pooled)
 
-    def __getitem__(self, index) -> "TextStates":
-        return TextStates(self.states[index], None if self.pooled is None else self.pooled[index])
-
     @staticmethod
     def cat(parts: Sequence["TextStates"]) -> "TextStates":
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
