@@ -347,7 +347,8 @@ if __name__ == "__main__":  # importable by tests without building
                       # --optimizer adamw8bit: 0.50 is the first release whose 8-bit optimisers run on CPU
                       # tensors; it needs Python >= 3.10 (on 3.9 the flag reports bitsandbytes missing)
                       "bitsandbytes>=0.50,<1; python_version >= '3.10'"],
-            "test": ["pytest", "matplotlib", "peft", "lycoris-lora"],
+            # wandb: --report-to wandb, tested offline (WANDB_MODE=offline)
+            "test": ["pytest", "matplotlib", "peft", "lycoris-lora", "wandb<1"],
         },
         ext_modules=ext_modules,
         cmdclass=cmdclass,

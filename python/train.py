@@ -49,6 +49,7 @@ from elr_training.config import (
 from elr_training.data import ConditionMaker, ConditionSettings, build_training_data, build_validation_set
 from elr_training.loop import LoopState, Training, first_batch, fixed_batch_loss, mean_of, train_loop, weights_checksum
 from elr_training.models import load_components, load_vae, tiny_components, weight_dtype_of
+from elr_training.ema import averaged, make_ema
 from elr_training.optim import make_optimizer
 from elr_training.run_log import RunLog, environment
 from elr_training.stages import STAGES
@@ -77,6 +78,10 @@ INHERITED_BY_EARLIER_STAGES = (
     "num_validation_images",
     "loss_weighting",
     "snr_gamma",
+    "report_to",
+    "tracker_project_name",
+    "allow_tf32",
+    "set_grads_to_none",
 )
 
 
@@ -98,8 +103,12 @@ def main(argv=None) -> dict:
 
 @contextlib.contextmanager
 def reproducible(config):
-    """--num-threads and --deterministic for the run, torch's previous settings restored after it."""
-    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    """--num-threads, --deterministic and --allow-tf32 for the run, torch's previous settings restored after it."""
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if config.allow_tf32:  # TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     if config.deterministic:
@@ -112,9 +121,11 @@ def reproducible(config):
         torch.set_num_threads(before[0])
         torch.use_deterministic_algorithms(before[1])
         torch.backends.cudnn.benchmark = before[2]
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[3], before[4]
 
 
 def train(config, sources) -> dict:
+    check_launch(config)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -140,6 +151,35 @@ def train(config, sources) -> dict:
         print(result["control_verdict"])
     accelerator.end_training()
     return result
+
+
+MPI_WORLD_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+
+
+def check_launch(config, device_count=None) -> None:
+    """A launch that cannot do what it was asked stops here, in every process, with what to do instead
+    (before any process waits for another):
+      - more processes on this machine than GPUs (`accelerate launch --multi_gpu --num_processes 4` on a
+        two-GPU machine), without --cpu;
+      - `accelerate launch --num_processes N` with N > 1 that started one process: without a config
+        file accelerate starts N processes only on a machine with more than one GPU or with --multi_gpu
+        (its simple launcher leaves MASTER_PORT set and no WORLD_SIZE)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    gpus = torch.cuda.device_count() if device_count is None else device_count
+    if world > 1 and not config.cpu and gpus > 0 and local > gpus:
+        raise SystemExit(f"accelerate launch started {local} processes on this machine, which has {gpus} GPU(s): "
+                         f"give --num_processes {gpus} (one process per GPU), or train.py --cpu to train on "
+                         "CPU processes")
+    simple_launcher = "ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_PORT" in os.environ
+    if simple_launcher and "WORLD_SIZE" not in os.environ and not any(v in os.environ for v in MPI_WORLD_VARIABLES):
+        raise SystemExit(
+            "accelerate launch --num_processes N (N > 1) started one process: without a config file accelerate "
+            f"starts several only with more than one GPU or with --multi_gpu (this machine has {gpus} GPU(s)). "
+            "For N processes on N GPUs: accelerate launch --num_processes N ...; on the CPU: accelerate launch "
+            "--multi_gpu --num_processes N python/train.py --cpu ... (DDP over gloo); for one process: "
+            "--num_processes 1"
+        )
 
 
 def run_earlier_stages(config, sources, accelerator) -> dict:
@@ -173,10 +213,10 @@ def run_stage(config, sources, accelerator) -> dict:
     os.makedirs(config.output_dir, exist_ok=True)
     started = time.perf_counter()
     run, validation_samples = set_up(config, accelerator)
-    log = RunLog(config.output_dir, enabled=accelerator.is_main_process)
+    log = RunLog(config.output_dir, enabled=accelerator.is_main_process, report_to=config.report_to,
+                 project_name=config.tracker_project_name)
     state = resume(config, run, log, accelerator)
-    if accelerator.is_main_process:
-        log.text("config", describe(config, sources))
+    log.config(to_dict(config), describe(config, sources))
 
     # A fixed batch whose loss is measured before and after training (same noise and timesteps).
     fixed_batch = first_batch(run.data, state.epoch)
@@ -186,16 +226,18 @@ def run_stage(config, sources, accelerator) -> dict:
     def save(state):
         path = save_checkpoint(accelerator, run_folder.checkpoints_dir(config.output_dir), state.global_step,
                                run.model, run.stage.trained_names(), run.optimizer, run.lr_scheduler,
-                               state.to_checkpoint(log.history), config.checkpoints_total_limit)
+                               state.to_checkpoint(log.history), config.checkpoints_total_limit, ema=run.ema)
         accelerator.print(f"saved {path}")
 
     def validate_at(step):
-        validated[step] = validate(run.stage, validation_samples, step, log, config, accelerator)
+        with averaged(run.ema, run.params):  # --use-ema: validated with the average
+            validated[step] = validate(run.stage, validation_samples, step, log, config, accelerator)
 
     step_times = train_loop(run, state, accelerator, log, save, validate_at, f"stage {config.stage}")
     if state.global_step not in validated:
         validate_at(state.global_step)
-    loss_after = fixed_batch_loss(run.stage, run.model, fixed_batch, config.seed)
+    with averaged(run.ema, run.params):  # the weights the model is saved with
+        loss_after = fixed_batch_loss(run.stage, run.model, fixed_batch, config.seed)
     return finish(config, run, state, log, accelerator, validated[state.global_step], step_times,
                   {"wall_time_s": time.perf_counter() - started, "fixed_batch_loss_before": loss_before,
                    "fixed_batch_loss_after": loss_after})
@@ -239,9 +281,13 @@ def set_up(config, accelerator):
     if config.compile:
         model = torch.compile(model)
         stage.compile_frozen()
+    ema = make_ema(config, params)
+    if ema is not None:
+        say(f"--use-ema: averaging the {len(params)} trained tensors, decay {config.ema_decay}; validation and "
+            "the saved model use the average")
     run = Training(stage, model, params, optimizer, lr_scheduler, data, max_steps, config.num_train_epochs,
                    config.max_grad_norm, config.seed, config.logging_steps, config.checkpointing_steps,
-                   config.validation_steps)
+                   config.validation_steps, ema=ema, set_grads_to_none=config.set_grads_to_none)
     return run, validation_samples
 
 
@@ -273,7 +319,8 @@ def resume(config, run, log, accelerator) -> LoopState:
     if path is None:
         accelerator.print(f"--resume-from-checkpoint latest: no checkpoint in {checkpoints} yet, starting fresh")
         return LoopState()
-    state = LoopState.from_checkpoint(load_checkpoint(accelerator, path, run.model, run.optimizer, run.lr_scheduler))
+    state = LoopState.from_checkpoint(load_checkpoint(accelerator, path, run.model, run.optimizer, run.lr_scheduler,
+                                                      ema=run.ema, trained_names=run.stage.trained_names()))
     for name, points in state.history.items():
         log.history[name] = [tuple(p) for p in points]
     accelerator.print(f"resumed from {path}: step {state.global_step}, epoch {state.epoch}, "
@@ -292,8 +339,9 @@ def finish(config, run, state, log, accelerator, validation_metrics, step_times,
         say(f"WARNING: the processes' weights differ: checksums {checksums}")
     model_dir = run_folder.model_dir(config.output_dir)
     if accelerator.is_main_process:
-        run.stage.save(model_dir)
-        say(f"saved the trained model to {model_dir}")
+        with averaged(run.ema, run.params):
+            run.stage.save(model_dir)
+        say(f"saved the trained model to {model_dir}{' (the weight average, --use-ema)' if run.ema else ''}")
     accelerator.wait_for_everyone()
 
     metrics = {
@@ -309,6 +357,8 @@ def finish(config, run, state, log, accelerator, validation_metrics, step_times,
         "skipped_shards": int(totals[1]),
         "trained_parameters": count_parameters(run.params),
         "weights_checksum_per_process": checksums,
+        "ema": None if run.ema is None else {"decay": run.ema.decay, "steps": run.ema.optimization_step,
+                                             "last_decay": getattr(run.ema, "cur_decay_value", None)},
         **{k.replace("val/", "validation_"): v for k, v in validation_metrics.items()},
         "model_dir": model_dir,
         **run.stage.report(validation_metrics),
@@ -377,9 +427,12 @@ def validate(stage, samples, step, log, config, accelerator) -> dict:
     metrics = {}
     if accelerator.is_main_process:
         with accelerator.autocast():  # frozen parts in the low precision, trained ones in fp32
-            grid, metrics = stage.validate(samples, step)
-        run_folder.save_validation_grid(config.output_dir, grid, step)
-        log.image("validation/grid", grid, step)
+            pictures, metrics = stage.validate(samples, step)
+        if isinstance(pictures, np.ndarray):
+            pictures = {"grid": pictures}
+        for name, picture in pictures.items():  # "grid": the held-out scenes; "pairs": --validation-image
+            run_folder.save_validation_grid(config.output_dir, picture, step, name)
+            log.image(f"validation/{name}", picture, step)
         log.scalars(metrics, step)
         log.flush()
         accelerator.print(f"validation at step {step}: {summary_line(metrics)}")

@@ -56,3 +56,34 @@ def perturb_zero_inits(adapter, scale: float = 0.05) -> None:
         for _, p in adapter.named_trainable_parameters():
             if not p.any():
                 p.normal_(0, scale)
+
+
+def read_wandb_records(path):
+    """The records of a wandb run file (run-<id>.wandb, what WANDB_MODE=offline writes), as
+    wandb.proto Record messages. The file is LevelDB's log format: a 7-byte header (':W&B', magic
+    0xBEE1, version 0), then 32 KiB blocks of chunks (crc32 4 bytes, length 2, type 1: full, first,
+    middle, last), a block's last < 7 bytes padding."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b":W&B", f"{path}: not a wandb run file"
+    block, records, pending, offset = 32768, [], b"", 7
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:  # block trailer
+            offset += block - offset % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        chunk = data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending += chunk
+        if kind in (1, 4):  # full or last chunk: a record is complete
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records

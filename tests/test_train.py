@@ -87,7 +87,7 @@ def test_stage0_teacher_loss_falls_and_run_folder(teacher):
         "model/scheduler/scheduler_config.json",
     ):
         assert os.path.isfile(os.path.join(folder, name)), name
-    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(folder, "logs")))
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(folder, "logs", "elr-diffusion")))
     assert os.listdir(os.path.join(folder, "checkpoints")) == ["checkpoint-8"]  # saved at the end
     assert read_metrics(folder)["global_step"] == 8
 

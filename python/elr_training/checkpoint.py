@@ -7,6 +7,8 @@ A checkpoint is a folder checkpoints/checkpoint-<step>/ holding
     lr_scheduler.pt          lr-scheduler state_dict (same)
     rng_state_<rank>.*       torch (CPU, CUDA) RNG (.safetensors), numpy and python RNG (.json), per process
     state.json               global step, epoch, batches consumed in the epoch, skipped-data counts
+    ema.safetensors, ema.json with --use-ema: the averaged trained weights and the average's step count
+                             (elr_training.ema); model.safetensors keeps the raw weights
 
 It is written to checkpoint-<step>.tmp first and renamed when complete (a rename within one folder
 is atomic), so a crash leaves either the previous checkpoints or a .tmp folder that is ignored and
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import ema as ema_files
 from .models import unwrap
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -75,7 +78,7 @@ def damage(path: str) -> Optional[str]:
             return f"{name}: missing"
         if not zipfile.is_zipfile(file):  # a truncated or overwritten archive has no zip directory at its end
             return f"{name}: not a complete torch.save archive"
-    return None
+    return ema_files.damage(path)
 
 
 def find_checkpoint(spec: str, folder: str, say=print) -> Optional[str]:
@@ -132,8 +135,10 @@ def save_checkpoint(
     lr_scheduler,
     state: dict,
     total_limit: Optional[int] = None,
+    ema=None,
 ) -> str:
-    """Every process calls this (each saves its RNG); the main process writes the rest and renames."""
+    """Every process calls this (each saves its RNG); the main process writes the rest and renames.
+    `ema` (elr_training.ema, --use-ema) adds the averaged weights."""
     final = os.path.join(folder, f"checkpoint-{step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process:
@@ -154,6 +159,8 @@ def save_checkpoint(
         if not deepspeed:
             torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
         torch.save(lr_scheduler.state_dict(), os.path.join(tmp, "lr_scheduler.pt"))
+        if ema is not None:
+            ema_files.save(ema, trained_names, tmp)
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({**state, "global_step": step, "num_processes": accelerator.num_processes}, f, indent=2)
     accelerator.wait_for_everyone()
@@ -186,8 +193,9 @@ def load_trained_weights(model, path: str) -> None:
             params[name].copy_(value.to(params[name].dtype))
 
 
-def load_checkpoint(accelerator, path: str, model, optimizer, lr_scheduler) -> dict:
-    """Restores weights, optimiser, lr scheduler and this process's RNG; returns state.json."""
+def load_checkpoint(accelerator, path: str, model, optimizer, lr_scheduler, ema=None, trained_names=None) -> dict:
+    """Restores weights, optimiser, lr scheduler, this process's RNG and (given `ema` and the trained
+    names) the weight average; returns state.json."""
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     if state.get("num_processes", 1) != accelerator.num_processes:
@@ -204,6 +212,18 @@ def load_checkpoint(accelerator, path: str, model, optimizer, lr_scheduler) -> d
         )
     lr_scheduler.load_state_dict(torch.load(os.path.join(path, "lr_scheduler.pt"), weights_only=True))
     _load_rng(path, accelerator.process_index)
+    if ema is not None:
+        if ema_files.has_ema(path):
+            ema_files.load(ema, trained_names, path)
+        else:
+            accelerator.print(f"note: {path} holds no weight average (saved without --use-ema): the average "
+                              "starts from the resumed weights")
+            params = dict(unwrap(model).named_parameters())
+            with torch.no_grad():
+                for name, shadow in zip(trained_names, ema.shadow_params):
+                    shadow.copy_(params[name])
+    elif ema_files.has_ema(path):
+        accelerator.print(f"note: {path} holds a weight average; without --use-ema it is not used")
     return state
 
 

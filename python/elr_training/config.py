@@ -86,6 +86,17 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
     compile: bool = _f(False, "torch.compile the models")
     cpu: bool = _f(False, "train on the CPU even when a GPU is present")
+    allow_tf32: bool = _f(
+        False,
+        "let fp32 matmuls and convolutions use TF32 tensor cores on Ampere and newer GPUs "
+        "(torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32): faster, about 10 "
+        "mantissa bits; no effect on the CPU",
+    )
+    set_grads_to_none: bool = _f(
+        True,
+        "after each optimiser step set the gradients to None rather than to zero "
+        "(optimizer.zero_grad(set_to_none=True)): less memory between steps; --no-set-grads-to-none zeros them",
+    )
     num_threads: Optional[int] = _f(
         None,
         "CPU threads of torch (torch.set_num_threads; 0: torch's default, the core count). CPU results "
@@ -109,6 +120,23 @@ class TrainConfig:
     num_inference_steps: Optional[int] = _f(None, "sampling steps of validation (DDIM)")
     guidance_scale: Optional[float] = _f(None, "classifier-free guidance of validation")
     logging_steps: int = _f(1, "log scalars every N optimiser steps")
+    report_to: str = _f(
+        "tensorboard",
+        "trackers that receive the scalars, the configuration and the validation grids, through "
+        "accelerate's trackers: tensorboard (<output_dir>/logs/<project>/), wandb (set WANDB_MODE=offline to write "
+        "<output_dir>/wandb/ without a network), all (both), none",
+    )
+    tracker_project_name: str = _f("elr-diffusion", "the trackers' project name (wandb project, TensorBoard sub-folder)")
+    # weight averaging
+    use_ema: bool = _f(
+        False,
+        "keep an exponential moving average of the trained weights (diffusers' EMAModel, over the "
+        "trained tensors only): validation and the saved model use it; checkpoints hold the raw weights "
+        "and the average, resume restores both",
+    )
+    ema_decay: float = _f(
+        0.9999, "EMA decay, reached after a warm-up: min(decay, (1 + k) / (10 + k)) at optimiser step k + 1"
+    )
     # planning (no training)
     plan: bool = _f(
         False,
@@ -202,7 +230,22 @@ class ControlConfig(TrainConfig):
     segmentation_model: Optional[str] = _f(
         None, "local transformers segmentation model for images without masks"
     )
+    validation_image: Optional[List[str]] = _f(
+        None,
+        "your own condition images (an edge map, a sketch, a colour-coded segmentation map), sampled at "
+        "every validation beside the held-out scenes (diffusers' convention: one prompt for all images, "
+        "one image for all prompts, or one each)",
+    )
+    validation_prompt: Optional[List[str]] = _f(None, "the prompts of --validation-image (one, or one per image)")
+    validation_condition_type: Optional[List[str]] = _f(
+        None,
+        "the condition type of each --validation-image (one for all, or one each); default: the trained "
+        "type when --condition-types names one",
+    )
 
+
+# --report-to: accelerate's tracker names, "all" (both) and "none"
+TRACKERS = ("tensorboard", "wandb", "all", "none")
 
 RANK_POLICIES = ("rank", "rank_ratio", "energy", "param_budget")
 
@@ -448,10 +491,22 @@ def validate(config) -> None:
             raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(config, name)}")
     if config.max_train_steps is None and config.num_train_epochs is None:
         raise ValueError("give --max-train-steps or --num-train-epochs")
+    if config.report_to not in TRACKERS:
+        raise ValueError(f"--report-to must be one of {list(TRACKERS)}, got {config.report_to!r}")
+    if config.report_to in ("wandb", "all"):
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ImportError(f"--report-to {config.report_to} needs wandb: pip install wandb (or --report-to "
+                              "tensorboard / none)")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {config.ema_decay}")
     if isinstance(config, ControlConfig):
+        from .data import check_validation_pairs
         from .data.conditions import check_condition_types
 
         check_condition_types(config.condition_types)
+        check_validation_pairs(config)
     if isinstance(config, DistillConfig):
         policies = [p for p in RANK_POLICIES if getattr(config, p) is not None]
         if len(policies) > 1:

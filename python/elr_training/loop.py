@@ -59,6 +59,8 @@ class Training:
     logging_steps: int
     checkpointing_steps: int
     validation_steps: int
+    ema: object = None  # diffusers' EMAModel over params (--use-ema), stepped after every optimiser step
+    set_grads_to_none: bool = True  # --set-grads-to-none: optimizer.zero_grad(set_to_none=...)
 
 
 def hash_seed(seed: int, step: int, rank: int) -> int:
@@ -89,6 +91,8 @@ def train_loop(run: Training, state: LoopState, accelerator, log, save_checkpoin
 
             # ---- one optimiser step done
             run.lr_scheduler.step()
+            if run.ema is not None:
+                run.ema.step(run.params)
             state.global_step += 1
             step = state.global_step
             step_times.append(time.perf_counter() - tick)
@@ -128,7 +132,7 @@ def micro_step(run: Training, state: LoopState, accelerator, batch: dict) -> Dic
         if accelerator.sync_gradients and run.max_grad_norm > 0:
             accelerator.clip_grad_norm_(run.params, run.max_grad_norm)
         run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=run.set_grads_to_none)
     return logs
 
 

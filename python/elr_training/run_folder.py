@@ -4,8 +4,10 @@
       model/                    the trained model: a UNet folder (stages 0 and 1; elr_training.models)
                                 or adapter/ (save_pretrained) and control.json (stage 2)
       checkpoints/checkpoint-N/ resumable state (elr_training.checkpoint)
-      logs/                     TensorBoard
+      logs/<project>/           TensorBoard (--report-to tensorboard or all)
+      wandb/                    wandb's run files (--report-to wandb or all; WANDB_MODE=offline: no network)
       samples/step-N.png        every validation grid; samples.png the last one
+      samples/pairs-step-N.png  the --validation-image pairs at each validation (stage 2); pairs.png the last
       loss_curves.png           training loss, raw and smoothed
       metrics.json              the run's numbers, its configuration and its environment
       stage0/, stage1/          the default chain's earlier stages (python/train.py --stage 2 alone)
@@ -46,15 +48,17 @@ def contents_line(output_dir: str) -> str:
     return f"run folder {output_dir}: {CONTENTS}"
 
 
-def save_validation_grid(output_dir: str, grid: np.ndarray, step: int) -> str:
-    """samples/step-<step>.png, copied to samples.png (the latest grid)."""
+def save_validation_grid(output_dir: str, grid: np.ndarray, step: int, name: str = "grid") -> str:
+    """samples/step-<step>.png, copied to samples.png (the latest grid); another picture of the
+    validation (name "pairs") as samples/<name>-step-<step>.png, copied to <name>.png."""
     from PIL import Image
 
     folder = os.path.join(output_dir, SAMPLES)
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"step-{step}.png")
+    prefix, latest = ("", "samples.png") if name == "grid" else (f"{name}-", f"{name}.png")
+    path = os.path.join(folder, f"{prefix}step-{step}.png")
     Image.fromarray(grid).save(path)
-    shutil.copyfile(path, os.path.join(output_dir, "samples.png"))
+    shutil.copyfile(path, os.path.join(output_dir, latest))
     return path
 
 

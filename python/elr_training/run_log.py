@@ -1,5 +1,6 @@
-"""What a run leaves to read: a TensorBoard log (logs/), the loss curves as PNG and metrics.json.
-Only the main process writes; the others get a RunLog that records nothing."""
+"""What a run leaves to read: the trackers' logs (--report-to: TensorBoard in logs/, wandb in wandb/,
+both through accelerate's tracker classes), the loss curves as PNG and metrics.json. Only the main
+process writes; the others get a RunLog that records nothing."""
 
 from __future__ import annotations
 
@@ -12,39 +13,78 @@ from typing import Dict, List, Optional
 import numpy as np
 
 
+def tracker_names(report_to: str) -> List[str]:
+    """--report-to -> the accelerate trackers it starts."""
+    return {"all": ["tensorboard", "wandb"], "none": []}.get(report_to, [report_to])
+
+
+def start_trackers(report_to: str, output_dir: str, project_name: str, run_name: str) -> list:
+    """accelerate's TensorBoardTracker (logs/<project>/ in the run folder) and WandBTracker (project
+    `project_name`, run `run_name`, files under <output_dir>/wandb/), started."""
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    trackers = []
+    for name in tracker_names(report_to):
+        if name == "tensorboard":
+            tracker = TensorBoardTracker(project_name, os.path.join(output_dir, "logs"))
+        elif name == "wandb":
+            tracker = WandBTracker(project_name, name=run_name, dir=output_dir)
+        else:
+            raise ValueError(f"--report-to {report_to!r}: unknown tracker {name!r}")
+        tracker.start()
+        trackers.append(tracker)
+    return trackers
+
+
+def hyperparameters(config: dict) -> Dict[str, object]:
+    """A configuration as the trackers take it: bool, int, float or str values (lists, dicts and None
+    as their text)."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
+
+
 class RunLog:
-    def __init__(self, output_dir: str, enabled: bool = True):
+    def __init__(self, output_dir: str, enabled: bool = True, report_to: str = "tensorboard",
+                 project_name: str = "elr-diffusion", run_name: Optional[str] = None):
         self.output_dir, self.enabled = output_dir, enabled
         self.history: Dict[str, List[tuple]] = defaultdict(list)
-        self.writer = None
+        self.trackers = []
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+            run_name = run_name or os.path.basename(os.path.normpath(output_dir))
+            self.trackers = start_trackers(report_to, output_dir, project_name, run_name)
 
-            self.writer = SummaryWriter(os.path.join(output_dir, "logs"))
+    def config(self, values: dict, text: str) -> None:
+        """The run's configuration: as hyper-parameters to every tracker, and as text (`describe`, with
+        each value's source) to TensorBoard."""
+        for tracker in self.trackers:
+            tracker.store_init_configuration(hyperparameters(values))
+            if tracker.name == "tensorboard":
+                tracker.log({"config": text.replace("\n", "  \n")}, step=0)
 
     def scalars(self, values: Dict[str, float], step: int) -> None:
         if not self.enabled:
             return
         for name, value in values.items():
             self.history[name].append((step, float(value)))
-            self.writer.add_scalar(name, value, step)
+        for tracker in self.trackers:
+            tracker.log({k: float(v) for k, v in values.items()}, step=step)
 
     def image(self, name: str, image: np.ndarray, step: int) -> None:
         """uint8 [H, W, 3]."""
-        if self.enabled:
-            self.writer.add_image(name, image, step, dataformats="HWC")
-
-    def text(self, name: str, text: str) -> None:
-        if self.enabled:
-            self.writer.add_text(name, text.replace("\n", "  \n"), 0)
+        for tracker in self.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({name: image[None]}, step=step, dataformats="NHWC")
+            else:
+                tracker.log_images({name: [image]}, step=step)
 
     def flush(self) -> None:
-        if self.enabled:
-            self.writer.flush()
+        for tracker in self.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.flush()
 
     def close(self) -> None:
-        if self.enabled:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
 
     def save_loss_curves(self, path: Optional[str] = None, prefix: str = "train/") -> Optional[str]:
         """All scalars under `prefix` with 'loss' in their name, one panel each, raw and smoothed."""

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+import numpy as np
+import torch
 from typing import Optional
 
 from torch.utils.data import DataLoader, Dataset
 
-from .conditions import ConditionDropout, ConditionMaker, ConditionSettings, condition_channels
+from .conditions import CONDITION_CHANNELS, ConditionDropout, ConditionMaker, ConditionSettings, condition_channels, given_map
 from .formats import (
+    CorruptImage,
     ImageFolderMetadata,
     SampleTransform,
     ShardedShuffleSampler,
@@ -19,6 +23,8 @@ from .formats import (
     WebDatasetShards,
     batches_produced_by_worker,
     collate,
+    read_map,
+    resize_and_crop,
 )
 from .synthetic import SyntheticScenes
 
@@ -27,6 +33,8 @@ __all__ = [
     "build_training_data",
     "build_validation_set",
     "check_data_exists",
+    "check_validation_pairs",
+    "load_validation_pairs",
     "detect_format",
     "ConditionDropout",
     "ConditionMaker",
@@ -150,3 +158,67 @@ def build_validation_set(config, condition_maker: Optional[ConditionMaker]) -> l
         if len(samples) >= n:
             break
     return samples[:n]
+
+
+def validation_pair_lists(config) -> list:
+    """--validation-image / --validation-prompt / --validation-condition-type as (image, prompt, type)
+    triples, paired as diffusers' ControlNet scripts pair them: one each, one image for every prompt,
+    or one prompt for every image; the type: one for all, one each, or the trained type when there is one."""
+    images, prompts = list(config.validation_image or []), list(config.validation_prompt or [])
+    if not images:
+        if prompts or config.validation_condition_type:
+            given = "--validation-prompt" if prompts else "--validation-condition-type"
+            raise ValueError(f"{given} without --validation-image: give the condition images they go with")
+        return []
+    if not prompts:
+        raise ValueError("--validation-image needs --validation-prompt (one prompt for all images, or one each)")
+    if len(images) == len(prompts):
+        pass
+    elif len(images) == 1:
+        images = images * len(prompts)
+    elif len(prompts) == 1:
+        prompts = prompts * len(images)
+    else:
+        raise ValueError(f"--validation-image has {len(images)} images and --validation-prompt {len(prompts)} "
+                         "prompts: give one prompt, one image, or as many of each")
+    types = list(config.validation_condition_type or [])
+    if not types:
+        if len(config.condition_types) > 1:
+            raise ValueError(f"--validation-image: say which of --condition-types {list(config.condition_types)} "
+                             "each image is with --validation-condition-type (one for all, or one each)")
+        types = [config.condition_types[0]]
+    if len(types) == 1:
+        types = types * len(images)
+    if len(types) != len(images):
+        raise ValueError(f"--validation-condition-type has {len(types)} types for {len(images)} validation "
+                         "images: give one for all, or one each")
+    unknown = sorted({t for t in types if t not in config.condition_types})
+    if unknown:
+        raise ValueError(f"--validation-condition-type {unknown}: not among the trained --condition-types "
+                         f"{list(config.condition_types)}")
+    return list(zip(images, prompts, types))
+
+
+def check_validation_pairs(config) -> None:
+    """Every --validation-image exists and decodes, and the flags pair up (before any model is built)."""
+    for path in dict.fromkeys(image for image, _, _ in validation_pair_lists(config)):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--validation-image {path}: no such file")
+        try:
+            read_map(path)
+        except CorruptImage as error:
+            raise ValueError(f"--validation-image {path}: cannot be decoded ({error})") from error
+
+
+def load_validation_pairs(config) -> list:
+    """The user's validation pairs as samples: {"conditions": [C, R, R] with the image's type filled in
+    and the other types zero (as condition dropout leaves them), "caption", "type", "key": the file}.
+    The image is resized and centre-cropped as training data is (nearest neighbour for seg maps)."""
+    samples = []
+    for path, prompt, kind in validation_pair_lists(config):
+        condition = given_map(kind, resize_and_crop(read_map(path), config.resolution, nearest=(kind == "seg")))
+        maps = [condition if t == kind else np.zeros((CONDITION_CHANNELS[t], *condition.shape[1:]), np.float32)
+                for t in config.condition_types]
+        samples.append({"conditions": torch.from_numpy(np.concatenate(maps)), "caption": prompt, "type": kind,
+                        "key": path})
+    return samples

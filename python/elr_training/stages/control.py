@@ -14,7 +14,7 @@ from torch import nn
 
 from elr_ext.nn import count_parameters
 
-from ..data import ConditionDropout, condition_channels
+from ..data import ConditionDropout, condition_channels, load_validation_pairs
 from ..data.conditions import CONDITION_CHANNELS
 from ..evaluation import control_metrics, only
 from ..losses import noisy_inputs, timestep_weights, weighted_mse
@@ -55,6 +55,10 @@ class ControlStage(Stage):
             drop_each=config.drop_each_condition,
         )
         self.parameter_counts = self.adapter.parameter_counts()
+        self.pairs = load_validation_pairs(config)  # --validation-image / --validation-prompt
+        if self.pairs:
+            say(f"validation pairs: {len(self.pairs)} (--validation-image), sampled at every validation into "
+                "samples/pairs-step-N.png")
         say(
             f"stage 2: LocalControlAdapter ({config.adapter}) on {self.types} "
             f"({condition_channels(self.types)} condition channels): {self.parameter_counts['trainable']:,} "
@@ -99,11 +103,13 @@ class ControlStage(Stage):
         return loss, {"loss": loss.item()}
 
     @torch.no_grad()
-    def validate(self, samples: List[dict], step: int) -> Tuple[np.ndarray, Dict[str, float]]:
+    def validate(self, samples: List[dict], step: int) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
         """Generated from each trained condition type alone (all of them when there is one) and, from the
         same noise, by the backbone alone; evaluation.control_metrics of both: edge NMSE and boundary
         F-score against the edge map (the canny condition, or Canny of the data image when no canny map
-        is trained), segmentation IoU against the exact masks of the synthetic scenes when seg is trained."""
+        is trained), segmentation IoU against the exact masks of the synthetic scenes when seg is trained.
+        Pictures: "grid" (the held-out scenes) and, with --validation-image, "pairs" (each user condition
+        image, with control and without; the metrics are the held-out scenes' only)."""
         pixels = torch.stack([s["pixel_values"] for s in samples])
         conditions = torch.stack([s["conditions"] for s in samples]).to(self.device)
         captions = [s["caption"] for s in samples]
@@ -123,6 +129,19 @@ class ControlStage(Stage):
             for kind in self.types
         }
         free = sample(None, None)
+        pictures = {}
+        if self.pairs:
+            pairs = torch.stack([p["conditions"] for p in self.pairs]).to(self.device)
+            prompts = [p["caption"] for p in self.pairs]
+            pictures["pairs"] = image_grid({
+                "your condition": condition_to_uint8(pairs, self.types),
+                "control": generate(self.components, self.unet, adapter, prompts, pairs,
+                                    self.config.num_inference_steps, self.config.guidance_scale,
+                                    self.config.conditioning_scale, seed=self.config.seed),
+                "no control": generate(self.components, self.unet, None, prompts, None,
+                                       self.config.num_inference_steps, self.config.guidance_scale,
+                                       seed=self.config.seed, size=pairs.shape[-2:]),
+            }, max_rows=len(self.pairs))
         adapter.train(was_training)
         measured = {
             "control": control_metrics(controlled, samples, self.types, edges_from_data=True),
@@ -140,7 +159,7 @@ class ControlStage(Stage):
         for kind in self.types:
             columns["control" if len(self.types) == 1 else f"from {kind}"] = controlled[kind]
         columns.update({"no control": free, "data": pixels_to_uint8(pixels)})
-        return image_grid(columns), metrics
+        return {"grid": image_grid(columns), **pictures}, metrics
 
     def save(self, folder: str) -> None:
         save_control_model(folder, unwrap(self.adapter), self.components.source, self.types, self.config.adapter)
