@@ -194,6 +194,28 @@ def test_ema_follows_diffusers_schedule_and_the_model_is_saved_averaged(tmp_path
     assert any(not torch.equal(ema[n], raw[2][n]) for n in ema)  # and not the raw weights
 
 
+def test_averaged_swaps_the_average_in_for_the_block_and_restores_the_raw_weights():
+    from types import SimpleNamespace
+
+    from elr_training.ema import averaged, make_ema
+
+    layer = torch.nn.Linear(3, 2)
+    params = list(layer.parameters())
+    ema = make_ema(SimpleNamespace(use_ema=True, ema_decay=0.5), params)
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)  # the raw weights move on; the average stays at the initial weights
+    raw = [p.detach().clone() for p in params]
+    with averaged(ema, params):
+        assert all(torch.equal(p, s) for p, s in zip(params, ema.shadow_params))  # what validation sees
+    assert all(torch.equal(p, r) for p, r in zip(params, raw))
+    with pytest.raises(RuntimeError), averaged(ema, params):
+        raise RuntimeError("validation failed")
+    assert all(torch.equal(p, r) for p, r in zip(params, raw))  # restored after an error too
+    with averaged(None, params):  # no --use-ema: the raw weights
+        assert all(torch.equal(p, r) for p, r in zip(params, raw))
+
+
 def test_ema_resume_continues_the_average_as_an_unbroken_run(tmp_path):
     import shutil
 
