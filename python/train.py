@@ -38,7 +38,6 @@ from elr_ext.nn import count_parameters
 from elr_training import run_folder
 from elr_training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from elr_training.config import (
-    ControlConfig,
     DistillConfig,
     TeacherConfig,
     describe,
@@ -46,7 +45,8 @@ from elr_training.config import (
     parse_config,
     to_dict,
 )
-from elr_training.data import ConditionMaker, ConditionSettings, build_training_data, build_validation_set
+from elr_training.data import build_training_data, build_validation_set, condition_maker_for
+from elr_training.data.cache import encoders_for_validation, place_vae_decoder, prepare_cache, set_encoders_aside
 from elr_training.loop import LoopState, Training, first_batch, fixed_batch_loss, mean_of, train_loop, weights_checksum
 from elr_training.models import load_components, load_vae, tiny_components, weight_dtype_of
 from elr_training.ema import averaged, make_ema
@@ -249,17 +249,16 @@ def set_up(config, accelerator):
     set_seed(config.seed)  # new layers' initial weights (the adapter's) are a function of the seed
     components = load_stage_components(config, say)
     stage = STAGES[config.stage](config, components, accelerator.device, say)
-    model = place_models(config, stage, components, accelerator.device)
+    condition_maker = condition_maker_for(config)
+    cache = prepare_latent_cache(config, stage, components, condition_maker, accelerator) \
+        if config.cache_latents else None
+    model = place_models(config, stage, components, accelerator.device, encoders_on_device=cache is None)
     named = dict(model.named_parameters())
     params = [named[n] for n in stage.trained_names()]
     say(f"trained parameters: {count_parameters(params):,} in {len(params)} tensors")
 
-    condition_maker = None
-    if isinstance(config, ControlConfig):
-        condition_maker = ConditionMaker(config.condition_types, ConditionSettings(
-            canny_low_threshold=config.canny_low_threshold, canny_high_threshold=config.canny_high_threshold,
-            xdog_sigma=config.xdog_sigma, segmentation_model=config.segmentation_model))
-    data = build_training_data(config, condition_maker, accelerator.process_index, accelerator.num_processes)
+    data = build_training_data(config, condition_maker, accelerator.process_index, accelerator.num_processes,
+                               cache=cache)
     validation_samples = build_validation_set(config, condition_maker) if accelerator.is_main_process else []
     updates_per_epoch = (math.ceil(data.batches_per_epoch / config.gradient_accumulation_steps)
                          if data.batches_per_epoch else None)
@@ -291,9 +290,11 @@ def set_up(config, accelerator):
     return run, validation_samples
 
 
-def place_models(config, stage, components, device):
+def place_models(config, stage, components, device, encoders_on_device=True):
     """Every model on the device; the frozen ones (text encoder, VAE, teacher, backbone) in eval mode and
-    the run's low precision, what trains in fp32 (master weights). Returns the trained module."""
+    the run's low precision, what trains in fp32 (master weights). Returns the trained module.
+    encoders_on_device=False (--cache-latents): the text encoders and the VAE's encoder stay on the CPU
+    (validation takes them to the device for its duration); the VAE's decoder goes to the device."""
     weight_dtype = weight_dtype_of(config.mixed_precision)
     for part in (*components.text_encoders, components.vae):
         if part is not None:
@@ -301,13 +302,27 @@ def place_models(config, stage, components, device):
     model = stage.trained_module()
     for frozen in [*components.text_encoders, components.vae, *stage.frozen_modules()]:
         if frozen is not None and frozen is not model:
-            frozen.to(device)
+            if encoders_on_device or not any(frozen is m for m in (*components.text_encoders, components.vae)):
+                frozen.to(device)
+            elif frozen is components.vae:
+                place_vae_decoder(frozen, device)
             if weight_dtype != torch.float32:
                 frozen.to(dtype=weight_dtype)
     model.to(device)
     if config.gradient_checkpointing:
         stage.enable_gradient_checkpointing()
     return model
+
+
+def prepare_latent_cache(config, stage, components, condition_maker, accelerator):
+    """--cache-latents: the cache checked against this run, built first where it is missing (resumed where
+    it is partial; every process encodes its share), then the encoders it replaces set aside
+    (elr_training/data/cache.py)."""
+    cache = prepare_cache(config, components, condition_maker, accelerator.device, accelerator.print,
+                          rank=accelerator.process_index, world_size=accelerator.num_processes,
+                          wait=accelerator.wait_for_everyone, autocast=accelerator.autocast)
+    set_encoders_aside(components, stage.needs_vae_encoder, accelerator.print)
+    return cache
 
 
 def resume(config, run, log, accelerator) -> LoopState:
@@ -426,7 +441,9 @@ def validate(stage, samples, step, log, config, accelerator) -> dict:
     """The validation grid and metrics on the main process (the others wait); returns the metrics."""
     metrics = {}
     if accelerator.is_main_process:
-        with accelerator.autocast():  # frozen parts in the low precision, trained ones in fp32
+        # frozen parts in the low precision, trained ones in fp32; --cache-latents: encoders visit the device
+        with accelerator.autocast(), encoders_for_validation(stage.components, accelerator.device,
+                                                             enabled=bool(config.cache_latents)):
             pictures, metrics = stage.validate(samples, step)
         if isinstance(pictures, np.ndarray):
             pictures = {"grid": pictures}

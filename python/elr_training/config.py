@@ -56,6 +56,13 @@ class TrainConfig:
     synthetic_max_shapes: int = _f(2, "at most this many shapes per synthetic scene")
     resolution: Optional[int] = _f(None, "training image size (square)")
     dataloader_num_workers: int = _f(0, "data-loader worker processes")
+    cache_latents: Optional[str] = _f(
+        None,
+        "a folder for cached VAE latents and text embeddings: the first run encodes the training data into "
+        "safetensors shards there (resumable), later runs with the same model, resolution, data and "
+        "conditions train from it without the VAE encoder or text encoder(s) on the device; a cache made "
+        "for anything else is refused (synthetic, unicontrolnet and imagefolder data; not webdataset)",
+    )
     # optimisation
     train_batch_size: Optional[int] = _f(None, "batch size per process")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimiser step")
@@ -515,6 +522,10 @@ def validate(config) -> None:
             raise ValueError(
                 "--kd-weight, --task-loss-weight and --feature-distillation are all 0: no loss to train"
             )
+    if config.cache_latents is not None:
+        from .data.cache import check_cache_flag
+
+        check_cache_flag(config)  # the data format, and an existing cache's settings against this run's
 
 
 def describe(config, sources: Dict[str, str]) -> str:

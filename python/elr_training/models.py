@@ -312,16 +312,25 @@ def encode_prompts(components: Components, captions: List[str], device, batch: O
     (as Stable Diffusion); for SDXL also the pooled embedding and the time ids, from each sample's
     original size and crop (`batch["original_sizes"]`, `batch["crops_top_left"]`, as the data
     records them) and the training size; without them (validation) original = target = `size`
-    (default: the batch's pixel size), crop (0, 0)."""
+    (default: the batch's pixel size), crop (0, 0). A batch read from a latent cache (--cache-latents,
+    data/cache.py) brings the text encodings along (`batch["cached_text"]`): they are taken instead of
+    running the text encoders, the empty caption's for a caption that text dropout emptied."""
     from elr_ext.pipelines.prompts import added_cond_kwargs, encode_text, time_ids, uses_added_conditioning
 
-    text = encode_text(components.tokenizers, components.text_encoders, captions, device)
+    cached = batch.get("cached_text") if batch is not None else None
+    if cached is not None:
+        text = cached.select(captions, device)
+    else:
+        text = encode_text(components.tokenizers, components.text_encoders, captions, device)
     if not uses_added_conditioning(components.unet):
         return UNetText(text.states)
     if size is None:
-        if batch is None or "pixel_values" not in batch:
+        if batch is not None and "pixel_values" in batch:
+            size = batch["pixel_values"].shape[-2:]
+        elif batch is not None and "image_size" in batch:  # a cached batch has latents, not pixels
+            size = batch["image_size"]
+        else:
             raise ValueError("SDXL's time ids need the image size: pass batch or size")
-        size = batch["pixel_values"].shape[-2:]
     target = (int(size[0]), int(size[1]))
     originals = [tuple(map(int, s)) for s in batch["original_sizes"]] if batch and "original_sizes" in batch \
         else [target] * len(captions)
@@ -342,3 +351,17 @@ def encode_images(
     vae = components.vae
     latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.sample(generator=generator)
     return latents * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_batch_images(components: Components, batch: dict, device,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """What the UNet denoises for a training batch: `encode_images` of its pixels or, for a batch read
+    from a latent cache (--cache-latents), a draw from the cached latent distribution: the same
+    distribution and the same draws from `generator` as encoding the pixels would make."""
+    if "latent_parameters" in batch:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        latents = DiagonalGaussianDistribution(batch["latent_parameters"].to(device)).sample(generator=generator)
+        return latents * components.vae.config.scaling_factor
+    return encode_images(components, batch["pixel_values"].to(device), generator)

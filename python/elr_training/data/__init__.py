@@ -32,6 +32,7 @@ __all__ = [
     "TrainingData",
     "build_training_data",
     "build_validation_set",
+    "condition_maker_for",
     "check_data_exists",
     "check_validation_pairs",
     "load_validation_pairs",
@@ -94,10 +95,27 @@ class TrainingData:
             self.dataset.start(epoch, {w: n * self.loader.batch_size for w, n in per_worker.items()})
 
 
+def condition_maker_for(config) -> Optional[ConditionMaker]:
+    """The condition maps of a stage-2 configuration (--condition-types and their settings); None for
+    the stages that train without conditions."""
+    if not hasattr(config, "condition_types"):
+        return None
+    return ConditionMaker(config.condition_types, ConditionSettings(
+        canny_low_threshold=config.canny_low_threshold, canny_high_threshold=config.canny_high_threshold,
+        xdog_sigma=config.xdog_sigma, segmentation_model=config.segmentation_model))
+
+
 def build_training_data(
-    config, condition_maker: Optional[ConditionMaker], rank: int = 0, world_size: int = 1
+    config, condition_maker: Optional[ConditionMaker], rank: int = 0, world_size: int = 1, cache=None
 ) -> TrainingData:
+    """The training data loader; with `cache` (a data.cache.LatentCache, --cache-latents) the samples
+    come from the cache, in the order the same sampler gives the data set it was made from."""
     fmt = detect_format(config.data) if config.data_format == "auto" else config.data_format
+    if cache is not None:
+        sampler = ShardedShuffleSampler(len(cache), config.train_batch_size, rank, world_size, config.seed)
+        loader = DataLoader(cache, batch_size=config.train_batch_size, sampler=sampler,
+                            num_workers=config.dataloader_num_workers, collate_fn=cache.collate, drop_last=True)
+        return TrainingData(loader, cache, sampler, sampler.batches_per_epoch, f"{fmt}, from the cache {cache.folder}")
     transform = SampleTransform(config.resolution, condition_maker)
     types = condition_maker.types if condition_maker is not None else []
     workers = config.dataloader_num_workers
@@ -109,17 +127,7 @@ def build_training_data(
             dataset, batch_size=config.train_batch_size, num_workers=workers, collate_fn=collate
         )
         return TrainingData(loader, dataset, None, None, fmt)
-    if fmt == "synthetic":
-        raw = SyntheticScenes(
-            config.synthetic_size, config.resolution, config.seed, config.synthetic_max_shapes
-        )
-    elif fmt == "unicontrolnet":
-        raw = UniControlNetFolder(config.data, types)
-    elif fmt == "imagefolder":
-        raw = ImageFolderMetadata(config.data, config.caption_column, types)
-    else:
-        raise ValueError(f"--data-format {fmt!r} unknown")
-    dataset = TransformedDataset(raw, transform)
+    dataset = TransformedDataset(raw_dataset(config, fmt, types), transform)
     sampler = ShardedShuffleSampler(len(dataset), config.train_batch_size, rank, world_size, config.seed)
     loader = DataLoader(
         dataset,
@@ -130,6 +138,18 @@ def build_training_data(
         drop_last=True,
     )
     return TrainingData(loader, dataset, sampler, sampler.batches_per_epoch, fmt)
+
+
+def raw_dataset(config, fmt: str, types) -> Dataset:
+    """The map-style data set of a format (every format but the streamed webdataset shards), before the
+    transform; also what a latent cache (data/cache.py) encodes."""
+    if fmt == "synthetic":
+        return SyntheticScenes(config.synthetic_size, config.resolution, config.seed, config.synthetic_max_shapes)
+    if fmt == "unicontrolnet":
+        return UniControlNetFolder(config.data, types)
+    if fmt == "imagefolder":
+        return ImageFolderMetadata(config.data, config.caption_column, types)
+    raise ValueError(f"--data-format {fmt!r} unknown")
 
 
 def build_validation_set(config, condition_maker: Optional[ConditionMaker]) -> list:

@@ -112,6 +112,12 @@ class SampleTransform:
     def __init__(self, resolution: int, conditions: Optional[ConditionMaker]):
         self.resolution, self.conditions = resolution, conditions
 
+    def key(self) -> dict:
+        """What the transform does to an image, for the key of a latent cache (data/cache.py): a flip or
+        a random crop added here must show in it, so that a cache made without it is refused."""
+        return {"resolution": self.resolution, "resize": "shorter side to the resolution (area filter when "
+                "shrinking, bicubic when growing)", "crop": "centre", "flip": False}
+
     def __call__(self, raw: dict) -> dict:
         image = np.array(resize_and_crop(raw["image"], self.resolution))  # a writable copy
         sample = {
@@ -390,7 +396,8 @@ def collate(items: list) -> dict:
     skipped = [s for s in items if isinstance(s, Skipped)]
     batch = {"n": len(samples), "skipped": skipped, "items": len(items)}
     if samples:
-        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
+        if "pixel_values" in samples[0]:  # a latent cache's samples (data/cache.py) may have none
+            batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
         batch["captions"] = [s["caption"] for s in samples]
         batch["keys"] = [s["key"] for s in samples]
         if all("original_size" in s for s in samples):

@@ -18,6 +18,9 @@ from torch import nn
 
 class Stage(abc.ABC):
     number: int  # the --stage value
+    # --cache-latents: whether the VAE's encoder is still needed once the cache is built (validation
+    # encodes images, or the saved model folder holds the VAE); a stage that only decodes frees it
+    needs_vae_encoder: bool = True
 
     @abc.abstractmethod
     def __init__(self, config, components, device, say) -> None:

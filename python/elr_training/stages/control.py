@@ -19,7 +19,7 @@ from ..data.conditions import CONDITION_CHANNELS
 from ..evaluation import control_metrics, only
 from ..losses import noisy_inputs, timestep_weights, weighted_mse
 from ..metrics import control_verdict
-from ..models import Components, encode_images, encode_prompts, latent_factor_of, unwrap
+from ..models import Components, encode_batch_images, encode_prompts, latent_factor_of, unwrap
 from ..run_folder import save_control_model
 from ..sampling import condition_to_uint8, generate, image_grid, pixels_to_uint8
 from .base import Stage
@@ -30,6 +30,7 @@ VALIDATION_METRICS = {"edge_nmse": "edge_nmse", "edge_f_score": "edge_f_score", 
 
 class ControlStage(Stage):
     number = 2
+    needs_vae_encoder = False  # validation samples and decodes; the saved model is the adapter alone
 
     def __init__(self, config, components: Components, device, say):
         from elr_ext.nn import LocalControlAdapter
@@ -87,7 +88,7 @@ class ControlStage(Stage):
     def loss(self, model, batch: dict, generator: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
         captions, conditions = self.dropout(batch["captions"], batch["conditions"], self.types, generator)
         text = encode_prompts(self.components, captions, self.device, batch)
-        latents = encode_images(self.components, batch["pixel_values"].to(self.device), generator)
+        latents = encode_batch_images(self.components, batch, self.device, generator)
         scheduler = self.components.noise_scheduler
         noisy, t, _, target = noisy_inputs(scheduler, latents, generator)
         down, mid = model(noisy, t, text.states, conditions.to(self.device), added_cond_kwargs=text.added)

@@ -19,7 +19,7 @@ from torch import nn
 from elr_ext.nn import count_parameters
 
 from ..losses import noisy_inputs, timestep_weights, weighted_mse
-from ..models import Components, encode_images, encode_prompts, save_model_folder, unwrap
+from ..models import Components, encode_batch_images, encode_images, encode_prompts, save_model_folder, unwrap
 from ..sampling import generate, image_grid, pixels_to_uint8
 from .base import Stage
 
@@ -127,7 +127,7 @@ class DistillStage(Stage):
     def loss(self, model, batch: dict, generator: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
         # No text dropout in Stage I: the student learns the teacher's conditional prediction.
         text = encode_prompts(self.components, batch["captions"], self.device, batch)
-        latents = encode_images(self.components, batch["pixel_values"].to(self.device), generator)
+        latents = encode_batch_images(self.components, batch, self.device, generator)
         scheduler = self.components.noise_scheduler
         noisy, t, _, target = noisy_inputs(scheduler, latents, generator)
         with torch.no_grad():

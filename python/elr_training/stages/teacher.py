@@ -15,7 +15,7 @@ from torch import nn
 from elr_ext.nn import count_parameters
 
 from ..losses import drop_text, noisy_inputs, timestep_weights, weighted_mse
-from ..models import Components, encode_images, encode_prompts, save_model_folder, unwrap
+from ..models import Components, encode_batch_images, encode_prompts, save_model_folder, unwrap
 from ..sampling import generate, image_grid, pixels_to_uint8
 from .base import Stage
 
@@ -52,7 +52,7 @@ class TeacherStage(Stage):
     def loss(self, model, batch: dict, generator: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
         captions = drop_text(batch["captions"], self.config.text_dropout, generator)
         text = encode_prompts(self.components, captions, self.device, batch)
-        latents = encode_images(self.components, batch["pixel_values"].to(self.device), generator)
+        latents = encode_batch_images(self.components, batch, self.device, generator)
         noisy, t, _, target = noisy_inputs(self.components.noise_scheduler, latents, generator)
         prediction = model(noisy, t, **text.unet_kwargs()).sample
         loss = weighted_mse(prediction, target, timestep_weights(self.config, self.components.noise_scheduler, t))
