@@ -75,6 +75,7 @@ import lowrank_proj as lowrank_bench  # noqa: E402
 
 import elr_ext  # noqa: E402
 from elr_ext import backends, reference  # noqa: E402
+from elr_ext.plan import PLAN_TRIES, crash_signal  # noqa: E402
 from elr_ext.testing import compare_to_ref  # noqa: E402
 
 F64 = torch.float64
@@ -784,7 +785,6 @@ def stage_triton(result: dict, device: torch.device) -> None:
 
 # ------------------------------------------------------------- stage 6: the planner on this card
 TRAIN_STEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_step.py")
-PLAN_TRIES = 3  # a process that plans can die in torch's teardown or mid-plan (docs/planning.md): try again
 PLAN_AUTOCAST = "bfloat16"  # the GPU checks' mixed precision; on the CPU both sides run fp32 (train_step.py)
 
 
@@ -875,7 +875,8 @@ def plan_card(name: str, capability=None, total_memory_bytes: Optional[int] = No
 @dataclasses.dataclass
 class ChildJob:
     """One fresh `python <args>` process of stage 6: `entry` indexes the stage's entries, `side` is
-    "plan" or "measured"; `tries`: how often a process killed by a signal is run again."""
+    "plan" or "measured"; `tries`: runs in all while torch kills the process (SIGABRT / SIGSEGV:
+    elr_ext.plan.crash_signal)."""
 
     entry: int
     side: str
@@ -920,7 +921,7 @@ def run_child_jobs(jobs: List[ChildJob], deadline: float) -> List[dict]:
             else:
                 why = f"exit status {proc.returncode}" + ("" if proc.returncode else ", no JSON line on stdout")
             outcome["error"] = f"{why}: {proc.stderr.strip()[-1500:]}"
-            if proc.returncode >= 0:  # a Python error or bad output: the same again on a retry
+            if crash_signal(proc.returncode) is None:  # not torch's crash (docs/planning.md): the same on a retry
                 break
         outcome["seconds"] = round(time.monotonic() - start, 2)
         return outcome

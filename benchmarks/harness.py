@@ -93,13 +93,17 @@ def process_memory_bytes() -> tuple:
     return hwm * 1024, rss * 1024
 
 
-def run_fresh(args: List[str], memory: bool = False, timeout: float | None = None) -> dict:
+def run_fresh(args: List[str], memory: bool = False, timeout: float | None = None, tries: int = 1) -> dict:
     """Run `python args...` in a fresh process and return the JSON object it prints on its last stdout
     line ({} after printing the error if it fails). memory=True: with the fixed mmap threshold of the
-    memory runs (see the top), for scripts that measure one arm per process (benchmarks/train_step.py)."""
+    memory runs (see the top), for scripts that measure one arm per process (benchmarks/train_step.py).
+    tries > 1: for a process that plans, run again when torch kills it (elr_ext.plan.run_plan_process)."""
+    from elr_ext.plan import run_plan_process  # here: scripts set their environment before elr_ext loads
+
     env = dict(os.environ, **({_MMAP_ENV: "65536"} if memory else {}))
     try:
-        res = subprocess.run([sys.executable] + list(args), env=env, capture_output=True, text=True, timeout=timeout)
+        res = run_plan_process([sys.executable] + list(args), tries=tries, env=env, capture_output=True, text=True,
+                               timeout=timeout)
     except subprocess.TimeoutExpired:
         print(f"fresh process timed out after {timeout} s: {' '.join(args)}", file=sys.stderr)
         return {}

@@ -64,6 +64,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import elr_ext  # noqa: E402
 from elr_ext.nn import count_parameters  # noqa: E402
 from elr_ext.architectures import ARCHITECTURES  # noqa: E402
+from elr_ext.plan import PLAN_TRIES  # noqa: E402
 from elr_training.config import PRESETS  # noqa: E402
 from elr_training.data.conditions import condition_channels  # noqa: E402  (the training app's channel counts)
 
@@ -591,10 +592,7 @@ def simulate_config(args, cfg: StepConfig, precision: str) -> dict:
     print(f"== planned: {cfg.describe()} on {args.plan_device}", flush=True)
     rows = []
     for arm in args.arms:
-        for _ in range(3):  # a planned process sometimes aborts in torch (docs/planning.md): try again
-            res = harness.run_fresh(_child_args(args, arm, "plan", cfg.batch))
-            if res:
-                break
+        res = harness.run_fresh(_child_args(args, arm, "plan", cfg.batch), tries=PLAN_TRIES)
         rows.append({"arm": arm, "description": ARMS[arm].label, **dataclasses.asdict(ARMS[arm]), **res})
     summarise(rows)
     stem = os.path.join(args.out_dir, f"train_step_plan_{args.plan_device}_{args.config}_b{cfg.batch}_s{args.latent}"

@@ -458,25 +458,21 @@ def validate(stage, samples, step, log, config, accelerator) -> dict:
 
 
 PLAN_CHILD = "ELR_PLAN_CHILD"  # set in the process plan_in_child runs
-PLAN_TRIES = 3
 
 
 def plan_in_child(argv) -> None:
-    """Run the plan in a child process of this script, again when it dies by SIGABRT or SIGSEGV
-    (torch 2.14.1's fake tensors sometimes corrupt the heap: docs/planning.md), up to PLAN_TRIES
-    times; exit with the child's status."""
-    import signal
-    import subprocess
+    """Run the plan in a child process of this script, again when torch kills it (SIGABRT or SIGSEGV;
+    torch 2.14.1's fake tensors sometimes corrupt the heap: docs/planning.md), up to
+    elr_ext.plan.PLAN_TRIES runs; exit with the child's status, 1 when every run was killed."""
+    from elr_ext.plan import crash_signal, run_plan_process
 
-    env = dict(os.environ, **{PLAN_CHILD: "1"})
-    for attempt in range(1, PLAN_TRIES + 1):
-        code = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env=env).returncode
-        if code not in (-signal.SIGABRT, -signal.SIGSEGV):
-            sys.exit(code)
-        print(f"train.py --plan: the planning process died inside torch ({signal.Signals(-code).name}, try "
-              f"{attempt} of {PLAN_TRIES}; docs/planning.md){'; trying again' if attempt < PLAN_TRIES else ''}",
-              file=sys.stderr, flush=True)
-    sys.exit(1)
+    def said(attempt: int, tries: int, name: str) -> None:
+        print(f"train.py --plan: the planning process died inside torch ({name}, try {attempt} of {tries}; "
+              f"docs/planning.md){'; trying again' if attempt < tries else ''}", file=sys.stderr, flush=True)
+
+    done = run_plan_process([sys.executable, os.path.abspath(__file__), *argv], on_crash=said,
+                            env=dict(os.environ, **{PLAN_CHILD: "1"}))
+    sys.exit(1 if crash_signal(done.returncode) else done.returncode)
 
 
 def end_after_plan() -> None:

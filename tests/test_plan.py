@@ -9,10 +9,11 @@ wrong. How close the peak comes to a measured one is a benchmark (benchmarks/tra
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
+
+from elr_ext.plan import run_plan_process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "python", "train.py")
@@ -21,11 +22,8 @@ MIB = 2 ** 20
 
 def run(args, tmp_path, expect=0):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for _ in range(3):  # a planned process sometimes dies inside torch (SIGABRT / SIGSEGV; docs/planning.md)
-        done = subprocess.run([sys.executable, TRAIN, "--plan", "--output-dir", str(tmp_path), *args], env=env,
-                              capture_output=True, text=True, timeout=600)
-        if done.returncode not in (-6, -11):
-            break
+    done = run_plan_process([sys.executable, TRAIN, "--plan", "--output-dir", str(tmp_path), *args], env=env,
+                            capture_output=True, text=True, timeout=600)
     assert done.returncode == expect, done.stderr[-3000:]
     return done
 
@@ -132,8 +130,8 @@ try:
 except plan.PlanError as e:
     print("PLANERROR", e)
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=REPO))
+    done = run_plan_process([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=REPO))
     assert "PLANERROR" in done.stdout and "plan_test.opaque" in done.stdout, done.stdout + done.stderr[-2000:]
 
 
@@ -153,11 +151,8 @@ def build():
 p = plan.plan_step(build, device="a100-80gb")
 print("SPLIT", json.dumps(p.to_dict()["peak"]["split"]))
 """
-    for _ in range(3):
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, PYTHONPATH=REPO))
-        if "SPLIT" in done.stdout:
-            break
+    done = run_plan_process([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=REPO))
     split = json.loads(done.stdout.split("SPLIT", 1)[1].splitlines()[0])
     block = 512  # the CUDA allocator's rounding, per tensor
     frozen = 2 * (math.ceil(1024 * 1024 * 2 / block) + math.ceil(1024 * 2 / block)) * block
@@ -178,7 +173,7 @@ def test_tiny_sdxl_stage2_plan(tmp_path):
 
 def test_train_py_retries_a_plan_process_that_dies_inside_torch(monkeypatch, capsys):
     """train.py --plan runs the plan in a child process: a child killed by SIGABRT / SIGSEGV is run
-    again (up to PLAN_TRIES), any other status is the script's."""
+    again (up to elr_ext.plan.PLAN_TRIES), any other status is the script's."""
     import signal
     import subprocess as sp
 
@@ -198,3 +193,36 @@ def test_train_py_retries_a_plan_process_that_dies_inside_torch(monkeypatch, cap
             train.plan_in_child(["--stage", "2", "--plan"])
         assert done.value.code == expected_exit and len(calls) == expected_runs and set(calls) == {"1"}
     assert "died inside torch (SIGSEGV, try 3 of 3" in capsys.readouterr().err
+
+
+def test_run_plan_process_runs_again_only_after_torchs_crash_signals(tmp_path):
+    """A real child that dies by SIGABRT, then SIGSEGV, then exits 0 is run three times; an exit status
+    or SIGKILL (the OOM killer's) ends it at once; the last run's output is what comes back."""
+    import signal
+
+    from elr_ext.plan import PLAN_TRIES, crash_signal
+
+    counter = tmp_path / "runs"
+    code = """
+import os, signal, sys
+path, deaths = sys.argv[1], sys.argv[2].split(",")
+n = int(open(path).read()) if os.path.exists(path) else 0
+open(path, "w").write(str(n + 1))
+print("run", n + 1, flush=True)
+if n < len(deaths) and deaths[n]:
+    os.kill(os.getpid(), getattr(signal, deaths[n]))
+sys.exit(0 if n >= len(deaths) else 7)
+"""
+    crashes = []
+    for deaths, expected_code, expected_runs in (("SIGABRT,SIGSEGV", 0, 3), ("SIGABRT,SIGABRT,SIGSEGV", -11, 3),
+                                                 ("SIGKILL", -9, 1), (",", 7, 1)):
+        counter.unlink(missing_ok=True)
+        done = run_plan_process([sys.executable, "-c", code, str(counter), deaths], capture_output=True, text=True,
+                                timeout=60, on_crash=lambda *a: crashes.append(a))
+        assert done.returncode == expected_code and int(counter.read_text()) == expected_runs, (deaths, done)
+        assert done.stdout.strip() == f"run {expected_runs}"
+    assert PLAN_TRIES == 3 and crashes[:2] == [(1, 3, "SIGABRT"), (2, 3, "SIGSEGV")] and len(crashes) == 5
+    assert [crash_signal(c) for c in (0, 1, None, -int(signal.SIGKILL), -int(signal.SIGABRT))] == \
+        [None, None, None, None, "SIGABRT"]
+    with pytest.raises(ValueError, match="tries"):
+        run_plan_process([sys.executable, "-c", ""], tries=0)

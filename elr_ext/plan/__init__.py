@@ -6,8 +6,9 @@ card, from one step on tensors that have shapes and no data (docs/planning.md).
 """
 
 from .devices import DEVICES, DeviceSpec, device_spec, fits
+from .process import CRASH_SIGNALS, PLAN_TRIES, crash_signal, run_plan_process
 from .step import PlannedStep, StepPlan, plan_step
 from .tracker import KINDS, PlanError
 
-__all__ = ["DEVICES", "DeviceSpec", "KINDS", "PlanError", "PlannedStep", "StepPlan", "device_spec", "fits",
-           "plan_step"]
+__all__ = ["CRASH_SIGNALS", "DEVICES", "DeviceSpec", "KINDS", "PLAN_TRIES", "PlanError", "PlannedStep", "StepPlan",
+           "crash_signal", "device_spec", "fits", "plan_step", "run_plan_process"]
