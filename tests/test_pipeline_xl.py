@@ -16,6 +16,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionXLPi
 from elr_ext import tiny  # noqa: E402
 from elr_ext.nn.control_adapter import LocalControlAdapter  # noqa: E402
 from elr_ext.pipelines import ELRControlPipeline, ELRControlXLPipeline, control_pipeline_class  # noqa: E402
+from elr_ext.pipelines.prompts import encode_text  # noqa: E402
 from helpers import perturb_zero_inits  # noqa: E402
 
 PROMPTS = ["a red circle and a blue square on a gray background", "two green lines"]
@@ -88,6 +89,35 @@ def test_without_an_adapter_it_is_diffusers_sdxl(parts):
     images = assert_same_output(ours, reference, None, guidance_scale=5.0, output_type="pt")
     assert tuple(images.shape) == (2, 3, SIZE, SIZE)
     assert_same_output(*pipelines(parts, adapter=None, force_zeros=False), None, guidance_scale=5.0)
+
+
+def test_prompt_2_and_negative_prompt_2_are_diffusers(parts):
+    """text_encoder_2 reads prompt_2 / negative_prompt_2 when given, one text for all prompts or one
+    each: the same latents as StableDiffusionXLPipeline; they change the output; negative_prompt_2
+    has no effect where the unconditional branch is zeros (as in diffusers)."""
+    ours, reference = pipelines(parts, adapter=None)
+    kw = dict(num_inference_steps=STEPS, output_type="latent", guidance_scale=5.0)
+    plain = ours(PROMPTS, None, latents=noise(), **kw).images
+    second = ["blue stripes", "a yellow star"]
+    for case in [dict(prompt_2=second), dict(prompt_2=["blue stripes"] * 2, negative_prompt="dark"),
+                 dict(negative_prompt="dark", negative_prompt_2=["blurry", "noisy"]),
+                 dict(prompt_2=second, negative_prompt=["dark", "dim"], negative_prompt_2="blurry",
+                      num_images_per_prompt=2, latents=noise(4))]:
+        images = assert_same_output(ours, reference, None, **case)
+        if "latents" not in case:
+            assert not torch.equal(images, plain), case
+    # one text for all prompts (diffusers' own prompt_2 takes a list here: a single text is one prompt's)
+    one = ours(PROMPTS, None, latents=noise(), prompt_2="blue stripes", negative_prompt="dark", **kw).images
+    each = ours(PROMPTS, None, latents=noise(), prompt_2=["blue stripes"] * 2, negative_prompt="dark", **kw).images
+    assert torch.equal(one, each)
+    zeros = ours(PROMPTS, None, latents=noise(), negative_prompt_2="blurry", **kw).images
+    assert torch.equal(zeros, plain)
+    assert_same_output(*pipelines(parts, adapter=None, force_zeros=False), None, guidance_scale=5.0,
+                       negative_prompt_2="blurry")
+    with torch.no_grad():  # both encoders read the same texts when prompt_2 is None
+        text = ours.encode_prompt(PROMPTS, "cpu", 1, guidance=False)
+        same = ours.encode_prompt(PROMPTS, "cpu", 1, guidance=False, prompt_2=PROMPTS)
+    assert torch.equal(text.states, same.states) and torch.equal(text.pooled, same.pooled)
 
 
 @pytest.mark.parametrize("scheduler", [DDIMScheduler, EulerDiscreteScheduler])
@@ -244,3 +274,11 @@ def test_errors(parts):
         pipe(PROMPTS, conditions(), negative_prompt=["a", "b", "c"], **kw)
     with pytest.raises(ValueError, match="condition is required"):
         pipe(PROMPTS, **kw)
+    with pytest.raises(ValueError, match="prompt_2 has 1 entries for 2 prompts"):
+        pipe(PROMPTS, conditions(), prompt_2=["one"], **kw)
+    with pytest.raises(ValueError, match="negative_prompt_2 has 3 entries for 2 prompts"):
+        pipe(PROMPTS, conditions(), negative_prompt="dark", negative_prompt_2=["a", "b", "c"], **kw)
+    with pytest.raises(ValueError, match="prompt_2 must hold texts, got int 3"):
+        pipe(PROMPTS, conditions(), prompt_2=["one", 3], **kw)
+    with pytest.raises(ValueError, match="prompts_2 is for the second of two text encoders"):
+        encode_text([parts["tokenizer"]], [parts["text_encoder"]], ["a"], "cpu", prompts_2=["b"])

@@ -73,17 +73,24 @@ def condition_to_tensor(condition) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2)))
 
 
+def texts_per_prompt(name: str, texts, count: int) -> List[str]:
+    """One text for each of `count` prompts, from one text for all of them or a list with one each;
+    `name` is the argument's, for the error."""
+    if isinstance(texts, str):
+        return [texts] * count
+    texts = list(texts)
+    if len(texts) != count:
+        raise ValueError(f"{name} has {len(texts)} entries for {count} prompts")
+    bad = [t for t in texts if not isinstance(t, str)]
+    if bad:
+        raise ValueError(f"{name} must hold texts, got {type(bad[0]).__name__} {bad[0]!r}")
+    return texts
+
+
 def negative_prompts(negative_prompt, count: int) -> List[str]:
     """The unconditional branch's texts: "" for each prompt by default, one text for all, or a list
     with one per prompt."""
-    if negative_prompt is None:
-        return [""] * count
-    if isinstance(negative_prompt, str):
-        return [negative_prompt] * count
-    negative_prompt = list(negative_prompt)
-    if len(negative_prompt) != count:
-        raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {count} prompts")
-    return negative_prompt
+    return [""] * count if negative_prompt is None else texts_per_prompt("negative_prompt", negative_prompt, count)
 
 
 class ControlPipelineBase(DiffusionPipeline):

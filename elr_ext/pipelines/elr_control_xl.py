@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..nn.control_adapter import LocalControlAdapter
-from .elr_control import ControlPipelineBase, negative_prompts
+from .elr_control import ControlPipelineBase, negative_prompts, texts_per_prompt
 from .prompts import (TextStates, added_cond_kwargs, check_text_encoders, encode_text, time_ids,
                       uses_added_conditioning)
 
@@ -59,30 +59,35 @@ class ELRControlXLPipeline(ControlPipelineBase):
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
 
     def encode_prompt(self, prompt: List[str], device, num_images_per_prompt: int, negative_prompt=None,
-                      guidance: bool = True) -> TextStates:
+                      guidance: bool = True, prompt_2=None, negative_prompt_2=None) -> TextStates:
         """Text states [(2 if guidance) * N * n, L, D] and pooled embeddings [(2 if guidance) * N * n, P],
-        the unconditional (negative) half first."""
+        the unconditional (negative) half first. prompt_2 / negative_prompt_2: what text_encoder_2
+        reads (None: the same texts as text_encoder), as in diffusers."""
         prompt = list(prompt)
         dtype = self.text_encoder_2.dtype
 
-        def encode(texts: List[str]) -> TextStates:
+        def encode(texts: List[str], texts_2: Optional[List[str]]) -> TextStates:
             text = encode_text([self.tokenizer, self.tokenizer_2], [self.text_encoder, self.text_encoder_2], texts,
-                               device)
+                               device, prompts_2=texts_2)
             return TextStates(text.states.to(dtype), text.pooled.to(dtype)).repeat_interleave(num_images_per_prompt)
 
-        text = encode(prompt)
+        text = encode(prompt, None if prompt_2 is None else texts_per_prompt("prompt_2", prompt_2, len(prompt)))
         if not guidance:
             return text
         if negative_prompt is None and self.config.force_zeros_for_empty_prompt:
             negative = text.zeros_like()
         else:
-            negative = encode(negative_prompts(negative_prompt, len(prompt)))
+            negative = encode(negative_prompts(negative_prompt, len(prompt)),
+                              None if negative_prompt_2 is None else
+                              texts_per_prompt("negative_prompt_2", negative_prompt_2, len(prompt)))
         return TextStates.cat([negative, text])
 
     def text_inputs(self, prompts, device, num_images_per_prompt, negative_prompt, guidance, height, width,
                     original_size: Optional[Sequence[int]] = None, crops_coords_top_left: Sequence[int] = (0, 0),
-                    target_size: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, dict]:
-        text = self.encode_prompt(prompts, device, num_images_per_prompt, negative_prompt, guidance)
+                    target_size: Optional[Sequence[int]] = None, prompt_2=None,
+                    negative_prompt_2=None) -> Tuple[torch.Tensor, dict]:
+        text = self.encode_prompt(prompts, device, num_images_per_prompt, negative_prompt, guidance,
+                                  prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
         original = _size("original_size", original_size or (height, width))
         crop = _size("crops_coords_top_left", crops_coords_top_left)
         target = _size("target_size", target_size or (height, width))
@@ -98,11 +103,16 @@ class ELRControlXLPipeline(ControlPipelineBase):
                  num_images_per_prompt: int = 1, output_type: str = "pil", height: Optional[int] = None,
                  width: Optional[int] = None, latents: Optional[torch.Tensor] = None, eta: float = 0.0,
                  original_size: Optional[Tuple[int, int]] = None, crops_coords_top_left: Tuple[int, int] = (0, 0),
-                 target_size: Optional[Tuple[int, int]] = None, return_dict: bool = True):
+                 target_size: Optional[Tuple[int, int]] = None, return_dict: bool = True,
+                 prompt_2: Optional[Union[str, List[str]]] = None,
+                 negative_prompt_2: Optional[Union[str, List[str]]] = None):
         """Generate images.
 
         Args:
-            prompt: one text or a list (one image set per text); both text encoders read it.
+            prompt: one text or a list (one image set per text); both text encoders read it unless
+                prompt_2 is given.
+            prompt_2: what text_encoder_2 reads instead of `prompt`: one text for all prompts or one
+                per prompt (diffusers' prompt_2).
             condition: the condition map(s), as for ELRControlPipeline: a tensor [N or 1, C, H, W] in
                 [0, 1], a PIL image or an array, or a list with one map per condition type of the
                 adapter. Required with an adapter, refused without one.
@@ -111,6 +121,9 @@ class ELRControlXLPipeline(ControlPipelineBase):
             conditioning_scale: multiplies the adapter's residuals.
             negative_prompt: the unconditional branch's text. None: zeros when the pipeline's
                 force_zeros_for_empty_prompt is set, otherwise "".
+            negative_prompt_2: what text_encoder_2 reads in the unconditional branch instead of
+                negative_prompt: one text or one per prompt. As in diffusers it has no effect where
+                that branch is zeros (negative_prompt None and force_zeros_for_empty_prompt set).
             generator: torch generator(s) for the initial noise (and stochastic schedulers).
             num_images_per_prompt: images per text.
             output_type: "pil", "np", "pt" (images in [0, 1]) or "latent" (the final latents).
@@ -127,7 +140,7 @@ class ELRControlXLPipeline(ControlPipelineBase):
                              num_images_per_prompt=num_images_per_prompt, output_type=output_type, height=height,
                              width=width, latents=latents, eta=eta, return_dict=return_dict,
                              original_size=original_size, crops_coords_top_left=crops_coords_top_left,
-                             target_size=target_size)
+                             target_size=target_size, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
 
 
 def _size(name: str, value: Sequence[int]) -> Tuple[int, int]:

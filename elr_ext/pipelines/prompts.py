@@ -49,17 +49,26 @@ def uses_added_conditioning(unet) -> bool:
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
-def encode_text(tokenizers: Sequence, text_encoders: Sequence, prompts: List[str], device) -> TextStates:
+def encode_text(tokenizers: Sequence, text_encoders: Sequence, prompts: List[str], device,
+                prompts_2: Optional[Sequence[str]] = None) -> TextStates:
     """The text states of `prompts`, padded to each tokenizer's model_max_length. One encoder: its
     last hidden states (with the attention mask where its config sets use_attention_mask, as
     StableDiffusionPipeline does). Two (SDXL): each one's penultimate hidden states, concatenated,
     and the pooled embedding: the first 2-D output among the encoders, which in SDXL is the second
-    one's (CLIPTextModelWithProjection's projected `text_embeds`)."""
+    one's (CLIPTextModelWithProjection's projected `text_embeds`). `prompts_2`: what the second
+    encoder reads instead of `prompts` (diffusers' prompt_2), one text per prompt; None: `prompts`."""
     tokenizers, text_encoders = list(tokenizers), list(text_encoders)
     if len(tokenizers) != len(text_encoders) or not text_encoders:
         raise ValueError(f"encode_text needs one tokenizer per text encoder, got {len(tokenizers)} tokenizers "
                          f"for {len(text_encoders)} text encoders")
     prompts = list(prompts)
+    if prompts_2 is not None:
+        prompts_2 = list(prompts_2)
+        if len(text_encoders) != 2:
+            raise ValueError(f"prompts_2 is for the second of two text encoders (SDXL); there is "
+                             f"{len(text_encoders)}")
+        if len(prompts_2) != len(prompts):
+            raise ValueError(f"prompts_2 has {len(prompts_2)} texts for {len(prompts)} prompts")
     if len(text_encoders) == 1:
         encoder = text_encoders[0]
         inputs = _tokens(tokenizers[0], prompts)
@@ -68,8 +77,10 @@ def encode_text(tokenizers: Sequence, text_encoders: Sequence, prompts: List[str
             mask = inputs.attention_mask.to(device)
         return TextStates(encoder(inputs.input_ids.to(device), attention_mask=mask)[0])
     states, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, text_encoders):
-        output = encoder(_tokens(tokenizer, prompts).input_ids.to(device), output_hidden_states=True)
+    later = prompts if prompts_2 is None else prompts_2
+    for i, (tokenizer, encoder) in enumerate(zip(tokenizers, text_encoders)):
+        texts = prompts if i == 0 else later
+        output = encoder(_tokens(tokenizer, texts).input_ids.to(device), output_hidden_states=True)
         if pooled is None and output[0].dim() == 2:  # text_embeds of a CLIPTextModelWithProjection
             pooled = output[0]
         states.append(output.hidden_states[-2])
