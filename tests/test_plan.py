@@ -171,6 +171,32 @@ def test_tiny_sdxl_stage2_plan(tmp_path):
     assert plan["peak"]["split"]["inputs"] < MIB
 
 
+def test_a_cached_run_plans_without_the_encoders_on_the_device(tmp_path):
+    """--cache-latents: the plan is the cached run's. Its weights are the uncached plan's less exactly
+    the text encoders' and the VAE encoder's bytes (from a real build of the same components); the
+    optimiser state is the same; the batch is what the cache stores. No cache folder is made."""
+    sys.path.insert(0, os.path.join(REPO, "python"))
+    from elr_training.config import parse_config
+    from elr_training.data.cache import module_bytes, vae_encoder_modules
+    from elr_training.plan import planned_components
+
+    args = ["--stage", "2", "--architecture", "tiny-sdxl", "--plan-device", "cpu"]
+    cache = tmp_path / "cache"
+    run(args, tmp_path / "plain")
+    done = run(args + ["--cache-latents", str(cache)], tmp_path / "cached")
+    plain, cached = plan_of(tmp_path / "plain")["plan"], plan_of(tmp_path / "cached")["plan"]
+    config, _ = parse_config(args + ["--plan", "--cache-latents", str(cache)])
+    components = planned_components(config)
+    encoders = module_bytes(components.text_encoders) + module_bytes(vae_encoder_modules(components.vae))
+    assert encoders > 0
+    assert plain["peak"]["split"]["weights"] - cached["peak"]["split"]["weights"] == encoders
+    assert cached["peak"]["split"]["optimizer state"] == plain["peak"]["split"]["optimizer state"]
+    assert cached["trainable_params"] == plain["trainable_params"]
+    # the cached batch holds the text encodings (states and pooled, and the empty caption's) besides the latents
+    assert cached["peak"]["split"]["inputs"] > plain["peak"]["split"]["inputs"]
+    assert "from the latent cache" in done.stdout and not cache.exists()
+
+
 def test_train_py_retries_a_plan_process_that_dies_inside_torch(monkeypatch, capsys):
     """train.py --plan runs the plan in a child process: a child killed by SIGABRT / SIGSEGV is run
     again (up to elr_ext.plan.PLAN_TRIES), any other status is the script's."""

@@ -61,7 +61,8 @@ class TrainConfig:
         "a folder for cached VAE latents and text embeddings: the first run encodes the training data into "
         "safetensors shards there (resumable), later runs with the same model, resolution, data and "
         "conditions train from it without the VAE encoder or text encoder(s) on the device; a cache made "
-        "for anything else is refused (synthetic, unicontrolnet and imagefolder data; not webdataset)",
+        "for anything else is refused (synthetic, unicontrolnet and imagefolder data; not webdataset); "
+        "with --plan, the cached run is planned",
     )
     # optimisation
     train_batch_size: Optional[int] = _f(None, "batch size per process")

@@ -9,6 +9,11 @@ is the stage's own: its loss (text encoder, VAE encoder, teacher or backbone, th
 backward, gradient clipping, the optimiser of --optimizer, with --mixed-precision,
 --train-batch-size, --resolution and --gradient-checkpointing as training would run them. Stage 2
 plans the adapter on the dense UNet of the model (what training does without --backbone).
+
+With --cache-latents the step is the cached run's: the batch holds what the cache stores (the VAE's
+latent distribution parameters, the text encodings and the empty caption's), the text encoders and
+the VAE's encoder are not on the device (training keeps them on the CPU or frees them), and the VAE's
+decoder is. The cache itself need not exist yet: a plan reads no data.
 """
 
 from __future__ import annotations
@@ -97,13 +102,50 @@ def _tokenizer(folder: str, text_config):
 
 
 def planned_batch(config, components) -> dict:
+    """The batch the step trains on: pixels and captions, or with --cache-latents what a batch read from
+    the cache holds (data/cache.py LatentCache.collate)."""
     from .data import condition_channels
 
     b, side = config.train_batch_size, config.resolution
     batch = {"pixel_values": torch.zeros(b, 3, side, side), "captions": ["a photo"] * b}
     if hasattr(config, "condition_types"):
         batch["conditions"] = torch.zeros(b, condition_channels(config.condition_types), side, side)
+    if config.cache_latents:
+        batch.update(cached_inputs(components, b, side, batch["captions"]))
+        if components.vae is not None:
+            del batch["pixel_values"]
     return batch
+
+
+def cached_inputs(components, batch_size: int, side: int, captions: List[str]) -> dict:
+    """A cached batch's encodings, shaped as the encoders would make them: latent_parameters (mean and
+    log-variance, [B, 2 x latent channels, side / f, side / f]) where there is a VAE, and cached_text
+    (the states [B, L, D], SDXL's pooled [B, P], the empty caption's [1, ...])."""
+    from .data.cache import CachedText
+    from .models import latent_factor_of
+
+    out = {"image_size": (side, side)}
+    if components.vae is not None:
+        latent = side // latent_factor_of(components)
+        out["latent_parameters"] = torch.zeros(batch_size, 2 * components.vae.config.latent_channels, latent, latent)
+    length = components.tokenizer.model_max_length
+    width = sum(int(e.config.hidden_size) for e in components.text_encoders)
+    pooled = None
+    if components.text_encoder_2 is not None:
+        pooled = torch.zeros(batch_size, int(components.text_encoder_2.config.projection_dim))
+    out["cached_text"] = CachedText(list(captions), torch.zeros(batch_size, length, width), pooled,
+                                    torch.zeros(1, length, width), None if pooled is None else pooled[:1].clone())
+    return out
+
+
+def set_planned_encoders_aside(components) -> None:
+    """--cache-latents: the text encoders and the VAE's encoder are not on the device in a cached run
+    (kept on the CPU or freed); dropped here so that the plan holds none of their tensors."""
+    from .data.cache import free_vae_encoder
+
+    if components.vae is not None:
+        free_vae_encoder(components.vae)
+    components.text_encoder = components.text_encoder_2 = None
 
 
 def build_planned_step(config, place_models):
@@ -119,6 +161,9 @@ def build_planned_step(config, place_models):
         device = torch.device("cpu")
         components = planned_components(config)
         stage = STAGES[config.stage](config, components, device, lambda *a, **k: None)
+        batch = planned_batch(config, components)  # before a cached run's encoders are set aside
+        if config.cache_latents:
+            set_planned_encoders_aside(components)
         model = place_models(config, stage, components, device)
         named = dict(model.named_parameters())
         params = [named[n] for n in stage.trained_names()]
@@ -127,7 +172,6 @@ def build_planned_step(config, place_models):
         if config.optimizer == "adamw" and config.plan_device != "cpu":
             for group in optimizer.param_groups:
                 group["foreach"] = True  # what torch.optim picks for CUDA tensors
-        batch = planned_batch(config, components)
         generator = torch.Generator().manual_seed(config.seed)
         models = {"trained": model, **{f"frozen{i}": m for i, m in enumerate(
             [*components.text_encoders, components.vae, *stage.frozen_modules()]) if m is not None and m is not model}}
@@ -141,7 +185,8 @@ def describe_run(config) -> str:
     source = config.pretrained or config.architecture or "tiny"
     return (f"stage {config.stage} on {source}, batch {config.train_batch_size}, {config.resolution} px, "
             f"mixed precision {config.mixed_precision}, optimizer {config.optimizer}"
-            + (", gradient checkpointing" if config.gradient_checkpointing else ""))
+            + (", gradient checkpointing" if config.gradient_checkpointing else "")
+            + (", from the latent cache" if config.cache_latents else ""))
 
 
 def plan_config(config, place_models):
