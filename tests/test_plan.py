@@ -108,11 +108,43 @@ def test_pretrained_folder_without_a_config_names_the_file(tmp_path):
     assert os.path.join(str(folder), "unet", "config.json") in done.stderr
 
 
-def test_a_value_the_plan_cannot_know_names_where_it_is_needed(tmp_path):
+def test_a_rank_policy_the_plan_cannot_know_is_refused_with_advice(tmp_path):
     """The tiny preset's stage 1 keeps 90 % of each layer's spectral energy: the ranks depend on the
-    singular values, which a plan does not have. The error names the line instead of a wrong number."""
-    done = run(["--stage", "1", "--max-train-steps", "1"], tmp_path, expect=1)
-    assert "PlanError" in done.stderr and "decompose.py" in done.stderr
+    singular values, which a plan does not have. Refused before anything is built, naming the flag;
+    a fixed rank plans."""
+    for args, flag in ((["--stage", "1", "--max-train-steps", "1"], "--energy 0.9"),
+                       (["--stage", "1", "--param-budget", "0.5"], "--param-budget 0.5")):
+        done = run(args, tmp_path, expect=2)
+        assert f"--plan cannot plan stage 1 with {flag}" in done.stderr and "--rank-ratio" in done.stderr
+        assert not os.path.exists(os.path.join(tmp_path, "plan.json"))
+    run(["--stage", "1", "--max-train-steps", "1", "--rank-ratio", "0.33"], tmp_path)  # replaces the preset's energy
+    assert plan_of(tmp_path)["plan"]["trainable_params"] > 0
+
+
+def test_a_value_the_plan_cannot_know_names_where_it_is_needed(tmp_path):
+    """A step that branches on a tensor's value: the error names the line instead of a wrong number."""
+    code = """
+import torch, elr_ext.plan as plan
+def build():
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    def loss():
+        y = lin(x)
+        if y.sum() > 0:  # the branch a plan cannot take
+            y = y * 2
+        return y.sum()
+    return plan.PlannedStep({"lin": lin}, loss, torch.optim.SGD(lin.parameters(), lr=1.0))
+try:
+    plan.plan_step(build, device="cpu")
+except plan.PlanError as e:
+    print("PLANERROR", e)
+"""
+    script = tmp_path / "branching_step.py"  # a file, so that the error can quote the line
+    script.write_text(code)
+    done = run_plan_process([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=REPO))
+    assert "PLANERROR" in done.stdout and "branching_step.py:8: if y.sum() > 0" in done.stdout, \
+        done.stdout + done.stderr[-2000:]
 
 
 def test_an_op_without_a_fake_kernel_is_named(tmp_path):

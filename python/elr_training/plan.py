@@ -224,12 +224,27 @@ def flags(changes: dict) -> str:
     return " ".join(out)
 
 
+def check_plannable(config) -> None:
+    """Refuse, before anything is built, what a plan cannot know: stage 1's ranks under --energy or
+    --param-budget come from the teacher's singular values, and a plan reads no weights."""
+    if config.stage != 1:
+        return
+    for field in ("energy", "param_budget"):
+        value = getattr(config, field, None)
+        if value is not None:
+            raise ValueError(f"--plan cannot plan stage 1 with --{field.replace('_', '-')} {value:g}: that policy "
+                             "picks each layer's rank from the teacher's singular values, and a plan reads no "
+                             "weights; plan with a fixed rank instead (--rank-ratio R or --rank K, e.g. "
+                             "--rank-ratio 0.33)")
+
+
 def run_plan(config, place_models, say=print) -> dict:
     """Plan, print, and when it does not fit try savings() until one fits; writes <output_dir>/plan.json."""
     from elr_ext.plan import device_spec
 
     if config.plan_device != "cpu":
         device_spec(config.plan_device)  # an unknown card fails before anything is built
+    check_plannable(config)
     plan = plan_config(config, place_models)
     say(plan.format())
     result = {"plan": plan.to_dict(), "fits_with": None}
