@@ -77,9 +77,8 @@ def encode_text(tokenizers: Sequence, text_encoders: Sequence, prompts: List[str
             mask = inputs.attention_mask.to(device)
         return TextStates(encoder(inputs.input_ids.to(device), attention_mask=mask)[0])
     states, pooled = [], None
-    later = prompts if prompts_2 is None else prompts_2
     for i, (tokenizer, encoder) in enumerate(zip(tokenizers, text_encoders)):
-        texts = prompts if i == 0 else later
+        texts = prompts if i == 0 or prompts_2 is None else prompts_2
         output = encoder(_tokens(tokenizer, texts).input_ids.to(device), output_hidden_states=True)
         if pooled is None and output[0].dim() == 2:  # text_embeds of a CLIPTextModelWithProjection
             pooled = output[0]

@@ -19,7 +19,7 @@ CRASH_SIGNALS = (signal.SIGABRT, signal.SIGSEGV)
 def crash_signal(returncode: Optional[int]) -> Optional[str]:
     """The name of the signal in CRASH_SIGNALS that ended a process with this return code, else None
     (an exit status, a timeout's None, or another signal such as SIGKILL are not torch's crash)."""
-    if returncode is None or returncode >= 0 or -returncode not in [int(s) for s in CRASH_SIGNALS]:
+    if returncode is None or -returncode not in CRASH_SIGNALS:
         return None
     return signal.Signals(-returncode).name
 

@@ -107,13 +107,13 @@ def planned_batch(config, components) -> dict:
     from .data import condition_channels
 
     b, side = config.train_batch_size, config.resolution
-    batch = {"pixel_values": torch.zeros(b, 3, side, side), "captions": ["a photo"] * b}
-    if hasattr(config, "condition_types"):
-        batch["conditions"] = torch.zeros(b, condition_channels(config.condition_types), side, side)
+    batch = {"captions": ["a photo"] * b}
     if config.cache_latents:
         batch.update(cached_inputs(components, b, side, batch["captions"]))
-        if components.vae is not None:
-            del batch["pixel_values"]
+    if "latent_parameters" not in batch:  # pixels, also in a cache made without a VAE
+        batch["pixel_values"] = torch.zeros(b, 3, side, side)
+    if hasattr(config, "condition_types"):
+        batch["conditions"] = torch.zeros(b, condition_channels(config.condition_types), side, side)
     return batch
 
 
